@@ -1,0 +1,140 @@
+"""The reference sampler: the release's entropy-ordered generation (spec sections 3-4), plain PyTorch.
+
+Readable on purpose: every faster backend is tested against it. It runs the transcoder on all N
+tokens every iteration as the release does. Random draws come from `rng` (keyed by seed and sample
+index), so a sample does not depend on its batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import rng
+from .transcoder import flip_to_p0, inference_steps, posterior_one
+
+CFG_SCHEDULES = ("constant", "linear")
+GUMBEL_SCHEDULES = ("constant", "down", "up")
+
+
+@dataclass
+class SamplingOptions:
+    cfg: float = 2.5
+    iters: int = 20
+    steps: int = 100
+    gumbel: float = 0.0
+    cfg_schedule: str = "constant"
+    gumbel_schedule: str = "constant"
+    temperature: float = 1.0
+    deterministic: bool = False   # token bits are p0 > 0.5 (the transcoder still samples)
+    greedy: bool = False          # every Bernoulli draw is its mode, no Gumbel noise
+    seed: int = 0
+
+
+def masked_after(iteration: int, iters: int, num_tokens: int) -> int:
+    """How many tokens stay masked after iteration s (0-based): floor(cos(pi/2 * (s+1)/iters) * N)."""
+    return math.floor(math.cos(math.pi / 2 * (iteration + 1) / iters) * num_tokens)
+
+
+def cfg_at(opts: SamplingOptions, ratio: float) -> float:
+    return opts.cfg if opts.cfg_schedule == "constant" else 1 + (opts.cfg - 1) * ratio
+
+
+def gumbel_at(opts: SamplingOptions, ratio: float) -> float:
+    if opts.greedy:
+        return 0.0
+    return {"constant": opts.gumbel, "down": opts.gumbel * (1 - ratio), "up": opts.gumbel * ratio}[opts.gumbel_schedule]
+
+
+def draw(p: torch.Tensor, opts: SamplingOptions, sample_index, stream_id: int) -> torch.Tensor:
+    """Bernoulli(p) per element, or its mode p > 0.5 when greedy."""
+    if opts.greedy:
+        return (p > 0.5).to(p.dtype)
+    return rng.bernoulli(p, opts.seed, sample_index, stream_id)
+
+
+def transcode(transcoder, z_c, z_u, cfg: float, opts: SamplingOptions, tables: dict, T: int,
+              sample_index, iteration: int) -> torch.Tensor:
+    """Run the Bernoulli denoiser from x_T to p0 for every token. z_c/z_u (B,N,D); z_u None means no CFG.
+    Returns p0 = P(x_0 = 1), (B,N,K) float32."""
+    B, N, _ = z_c.shape
+    K = transcoder.final_layer.linear.out_features
+    x = draw(torch.full((B, N, K), 0.5, device=z_c.device), opts, sample_index, rng.stream(rng.TRANSCODER_INIT, iteration))
+    steps = inference_steps(T, opts.steps)
+    for j, t in enumerate(steps):
+        step = torch.full((B * N,), t, dtype=torch.long, device=z_c.device)
+        xf = x.reshape(B * N, K)
+        logits = transcoder(xf, step, z_c.reshape(B * N, -1)).float() / opts.temperature
+        if z_u is not None:
+            l_u = transcoder(xf, step, z_u.reshape(B * N, -1)).float() / opts.temperature
+            logits = l_u + cfg * (logits - l_u)
+        p0 = flip_to_p0(logits, xf).view(B, N, K)
+        if j == len(steps) - 1:
+            return p0
+        post = posterior_one(p0, x, t, steps[j + 1], tables)
+        x = draw(post, opts, sample_index, rng.stream(rng.TRANSCODER_STEP, iteration, j))
+
+
+def confidence(p0: torch.Tensor) -> torch.Tensor:
+    """The release's stand-in for 1 - binary entropy: mean over bits of 2|p0 - 0.5|."""
+    return (2 * (p0 - 0.5).abs()).mean(-1)
+
+
+def select_tokens(conf: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean (B,N): the `count` highest-confidence still-masked tokens per row, ties to the lowest index."""
+    conf = conf.masked_fill(~mask, float("-inf"))
+    order = torch.sort(conf, dim=-1, descending=True, stable=True).indices[:, :count]
+    chosen = torch.zeros_like(mask)
+    chosen.scatter_(1, order, True)
+    return chosen & mask
+
+
+@torch.no_grad()
+def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: torch.Tensor | None = None,
+             progress: bool = False) -> torch.Tensor:
+    """Entropy-ordered generation; labels (B,) ids or (B, C+1) class weights -> codes (B,N,K) uint8."""
+    cfg_model = model.cfg
+    B, N, K = labels.shape[0], cfg_model.num_tokens, cfg_model.bits
+    dev = model.device
+    labels = labels.to(dev)
+    if sample_index is None:
+        sample_index = torch.arange(B, device=dev)
+    null = torch.full((B,), cfg_model.null_class, dtype=torch.long, device=dev)
+    if labels.is_floating_point():
+        null = torch.nn.functional.one_hot(null, cfg_model.num_classes + 1).to(labels.dtype)
+    use_cfg = not (opts.cfg == 1.0)
+    tables = model.schedule(dev)
+
+    codes = torch.zeros(B, N, K, device=dev)
+    mask = torch.ones(B, N, dtype=torch.bool, device=dev)
+    rounds = list(range(opts.iters))
+    if progress:
+        from tqdm.auto import tqdm
+        rounds = tqdm(rounds, desc="generate", unit="iter", leave=False)
+    for s in rounds:
+        ratio = (s + 1) / opts.iters
+        count = int(mask[0].sum()) - masked_after(s, opts.iters, N)  # every row has the same masked count
+        codes, mask = _iteration(model, codes, mask, labels, null, use_cfg, cfg_at(opts, ratio), gumbel_at(opts, ratio),
+                                 count, opts, tables, sample_index, s)
+    if bool(mask.any()):  # one more pass fills whatever is left
+        codes, mask = _iteration(model, codes, mask, labels, null, use_cfg, opts.cfg, 0.0, N, opts, tables,
+                                 sample_index, opts.iters)
+    return codes.to(torch.uint8)
+
+
+def _iteration(model, codes, mask, labels, null, use_cfg, cfg, gumbel_temp, count, opts, tables, sample_index, s):
+    B = codes.shape[0]
+    if use_cfg:
+        z = model.transformer.conditions(torch.cat([codes, codes]), torch.cat([mask, mask]), torch.cat([labels, null]))
+        z_c, z_u = z[:B], z[B:]
+    else:
+        z_c, z_u = model.transformer.conditions(codes, mask, labels), None
+    p0 = transcode(model.transcoder, z_c, z_u, cfg, opts, tables, model.cfg.train_steps, sample_index, s)
+    conf = confidence(p0)
+    if gumbel_temp > 0:
+        conf = conf + gumbel_temp * rng.gumbel(opts.seed, sample_index, rng.stream(rng.GUMBEL, s), (conf.shape[1],))
+    chosen = select_tokens(conf, mask, count)
+    bits = (p0 > 0.5).float() if opts.deterministic else draw(p0, opts, sample_index, rng.stream(rng.TOKEN_BITS, s))
+    codes = torch.where(chosen[..., None], bits, codes)
+    return codes, mask & ~chosen
