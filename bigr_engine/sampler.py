@@ -32,9 +32,15 @@ class SamplingOptions:
     seed: int = 0
 
 
-def masked_after(iteration: int, iters: int, num_tokens: int) -> int:
-    """How many tokens stay masked after iteration s (0-based): floor(cos(pi/2 * (s+1)/iters) * N)."""
-    return math.floor(math.cos(math.pi / 2 * (iteration + 1) / iters) * num_tokens)
+SCHEDULES = ("cosine", "linear")
+
+
+def masked_after(iteration: int, iters: int, num_masked: int, schedule: str = "cosine") -> int:
+    """How many of `num_masked` initially masked tokens stay masked after iteration s (0-based):
+    floor(cos(pi/2 * (s+1)/iters) * n) for generation, floor((1 - (s+1)/iters) * n) for in/outpainting."""
+    ratio = (iteration + 1) / iters
+    rate = math.cos(math.pi / 2 * ratio) if schedule == "cosine" else 1 - ratio
+    return math.floor(rate * num_masked)
 
 
 def cfg_at(opts: SamplingOptions, ratio: float) -> float:
@@ -81,19 +87,23 @@ def confidence(p0: torch.Tensor) -> torch.Tensor:
     return (2 * (p0 - 0.5).abs()).mean(-1)
 
 
-def select_tokens(conf: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean (B,N): the `count` highest-confidence still-masked tokens per row, ties to the lowest index."""
+def select_tokens(conf: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Boolean (B,N): per row b the count[b] highest-confidence still-masked tokens, ties to the lowest index."""
     conf = conf.masked_fill(~mask, float("-inf"))
-    order = torch.sort(conf, dim=-1, descending=True, stable=True).indices[:, :count]
-    chosen = torch.zeros_like(mask)
-    chosen.scatter_(1, order, True)
-    return chosen & mask
+    order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < count[:, None]) & mask
 
 
 @torch.no_grad()
 def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: torch.Tensor | None = None,
-             progress: bool = False) -> torch.Tensor:
-    """Entropy-ordered generation; labels (B,) ids or (B, C+1) class weights -> codes (B,N,K) uint8."""
+             progress: bool = False, codes: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+             schedule: str = "cosine") -> torch.Tensor:
+    """Entropy-ordered generation; labels (B,) ids or (B, C+1) class weights -> codes (B,N,K) uint8.
+
+    By default every token starts masked. Given `codes` and `mask` (True = to generate), the known tokens stay
+    as they are and only the masked ones are filled (in/outpainting), on the given schedule over their count."""
     cfg_model = model.cfg
     B, N, K = labels.shape[0], cfg_model.num_tokens, cfg_model.bits
     dev = model.device
@@ -106,19 +116,21 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
     use_cfg = not (opts.cfg == 1.0)
     tables = model.schedule(dev)
 
-    codes = torch.zeros(B, N, K, device=dev)
-    mask = torch.ones(B, N, dtype=torch.bool, device=dev)
+    codes = torch.zeros(B, N, K, device=dev) if codes is None else codes.to(dev, torch.float32).clone()
+    mask = torch.ones(B, N, dtype=torch.bool, device=dev) if mask is None else mask.to(dev).bool().clone()
+    to_fill = mask.sum(1).tolist()
     rounds = list(range(opts.iters))
     if progress:
         from tqdm.auto import tqdm
         rounds = tqdm(rounds, desc="generate", unit="iter", leave=False)
     for s in rounds:
         ratio = (s + 1) / opts.iters
-        count = int(mask[0].sum()) - masked_after(s, opts.iters, N)  # every row has the same masked count
+        keep = torch.tensor([masked_after(s, opts.iters, n, schedule) for n in to_fill], device=dev)
+        count = mask.sum(1) - keep
         codes, mask = _iteration(model, codes, mask, labels, null, use_cfg, cfg_at(opts, ratio), gumbel_at(opts, ratio),
                                  count, opts, tables, sample_index, s)
     if bool(mask.any()):  # one more pass fills whatever is left
-        codes, mask = _iteration(model, codes, mask, labels, null, use_cfg, opts.cfg, 0.0, N, opts, tables,
+        codes, mask = _iteration(model, codes, mask, labels, null, use_cfg, opts.cfg, 0.0, mask.sum(1), opts, tables,
                                  sample_index, opts.iters)
     return codes.to(torch.uint8)
 

@@ -51,7 +51,7 @@ def test_unmask_counts_follow_cosine_schedule(tiny, monkeypatch, iters):
 def test_select_tokens_ties_to_lowest_index():
     conf = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.9]])
     mask = torch.tensor([[True, True, True, False, True]])
-    chosen = sampler.select_tokens(conf, mask, 3)
+    chosen = sampler.select_tokens(conf, mask, torch.tensor([3]))
     assert chosen.tolist() == [[True, True, False, False, True]]
 
 
