@@ -166,6 +166,14 @@ class BinaryAutoencoder(nn.Module):
             return (p > 0.5).to(torch.uint8)
         return torch.bernoulli(p.float(), generator=generator).to(torch.uint8)
 
+    def reconstruct(self, images: torch.Tensor, stochastic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward: images -> (unclamped reconstruction, bit probabilities (B,K,G,G)).
+        Bits are Bernoulli draws (or p > 0.5) with a straight-through gradient to the probabilities."""
+        p = self.quantize.probs(self.encoder(images))
+        bits = torch.bernoulli(p.detach()) if stochastic else (p.detach() > 0.5).to(p.dtype)
+        bits = p + (bits - p).detach()
+        return self.generator(self.quantize.embed_bits(bits)), p
+
     def decode(self, codes: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """(B,N,K) 0/1 codes -> (B,3,H,W) images in [0,1] (clamped unless clamp=False)."""
         if codes.dim() != 3 or codes.shape[-1] != self.bits:

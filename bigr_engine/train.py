@@ -1,0 +1,186 @@
+"""Training BiGR by masked modeling (paper sec. 3.2; release recipe).
+
+Per sample: a mask ratio cos(pi/2 r), r ~ U(0,1), picks the tokens to hide (at least one); the class
+is dropped to the null class with probability 0.1; the transformer sees the visible tokens; every
+masked token trains the transcoder at `transcoder_repeat` random steps t with the weighted XOR loss.
+
+Every random choice is keyed by (seed, global sample index, purpose) through `rng`, and the data order
+by (seed, epoch), so a run resumed from a checkpoint, or split over several processes with the same
+global batch, computes the same thing as one uninterrupted process. The loss is a mean over samples
+of each sample's mean over its masked bits, so averaging gradients over ranks gives the global mean.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import rng
+from .config import BiGRConfig
+from .model import BiGR
+from .transcoder import flip_loss
+from .trainstate import Ema, JsonlLog, load_state, lr_at, save_state
+
+# rng kinds for training draws (disjoint from the sampler's)
+MASK_RATIO, MASK_ORDER, CLASS_DROP, DIFF_STEP, DIFF_NOISE = 16, 17, 18, 19, 20
+
+
+@dataclass
+class TrainRecipe:
+    steps: int = 10000
+    batch_size: int = 64          # global batch (over all ranks and accumulation steps)
+    grad_accum: int = 1
+    lr: float = 4e-4
+    warmup: int = 500
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.02
+    ema: float = 0.9999
+    class_dropout: float = 0.1
+    transcoder_repeat: int = 4
+    grad_clip: float = 1.0
+    log_every: int = 50
+    save_every: int = 1000
+    seed: int = 0
+
+
+def masked_modeling_loss(model: BiGR, codes: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor,
+                         seed: int, step: int, class_dropout: float = 0.1, repeat: int = 1) -> torch.Tensor:
+    """codes (B,N,K) 0/1, labels (B,), sample_index (B,) global ids -> per-sample loss (B,)."""
+    B, N, K = codes.shape
+    cfg = model.cfg
+    s = lambda kind: rng.stream(kind, step % 4096, step // 4096 % 4096)  # noqa: E731
+    codes = codes.float()
+    drop = rng.uniform(seed, sample_index, s(CLASS_DROP), (1,))[:, 0] < class_dropout
+    labels = torch.where(drop, torch.full_like(labels, cfg.null_class), labels)
+    ratio = torch.cos(math.pi / 2 * rng.uniform(seed, sample_index, s(MASK_RATIO), (1,))[:, 0])
+    n_mask = (ratio * N).floor().clamp(1, N).long()
+    order = rng.uniform(seed, sample_index, s(MASK_ORDER), (N,)).argsort(dim=1)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N).expand(B, N).contiguous())
+    mask = rank < n_mask[:, None]
+
+    z = model.transformer.conditions(codes, mask, labels)             # (B,N,D)
+    tables = model.schedule(codes.device)
+    T = cfg.train_steps
+    u_t = rng.uniform(seed, sample_index, s(DIFF_STEP), (repeat, N))   # (B,R,N)
+    t = (u_t * T).long().clamp(0, T - 1) + 1                           # uniform on 1..T
+    x0 = codes[:, None].expand(B, repeat, N, K)
+    p_t = tables["k_final"][t][..., None] * x0 + tables["b_final"][t][..., None]
+    x_t = (rng.uniform(seed, sample_index, s(DIFF_NOISE), (repeat, N, K)) < p_t).float()
+    sel = mask[:, None].expand(B, repeat, N)
+    logits = model.transcoder(x_t[sel], t[sel], z[:, None].expand(B, repeat, N, -1)[sel])
+    per_bit = flip_loss(logits.float(), x0[sel], x_t[sel])               # (M,K)
+    owner = torch.arange(B, device=codes.device)[:, None, None].expand(B, repeat, N)[sel]
+    per_sample = torch.zeros(B, device=codes.device).index_add_(0, owner, per_bit.mean(-1))
+    return per_sample / (n_mask.to(per_sample.dtype) * repeat)
+
+
+def param_groups(model: BiGR, weight_decay: float):
+    """AdamW decay on matrices of the transformer only: none on 1-D params, biases, or the transcoder."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or name.endswith(".bias") or name.startswith("transcoder.") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def batch_indices(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
+    """The global batch of step `step`: a slice of a per-epoch permutation keyed by (seed, epoch)."""
+    per_epoch = n // batch
+    epoch, pos = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[pos * batch:(pos + 1) * batch]
+
+
+def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: TrainRecipe, out: Path,
+          device="cpu", progress: bool = True, on_save=None) -> tuple[BiGR, BiGR]:
+    """codes (n,N,K) uint8 (or a memmap-backed tensor), labels (n,). Writes out/state.pt; returns (model, ema)."""
+    out = Path(out)
+    rank, world = _dist_info()
+    if recipe.batch_size % (world * recipe.grad_accum):
+        raise ValueError(f"batch size {recipe.batch_size} must divide by ranks x accumulation = {world * recipe.grad_accum}")
+    if len(codes) < recipe.batch_size:
+        raise ValueError(f"the dataset has {len(codes)} samples, fewer than one batch of {recipe.batch_size}")
+    micro = recipe.batch_size // (world * recipe.grad_accum)
+    torch.manual_seed(recipe.seed)
+    model = BiGR(cfg).to(device).train()
+    ema = Ema(model, recipe.ema)
+    opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.95))
+    start = 0
+    state_path = out / "state.pt"
+    if state_path.exists():
+        st = load_state(state_path, "bigr-train")
+        if st["config"] != cfg.to_dict():
+            from .errors import CheckpointError
+            raise CheckpointError(f"{state_path} was trained with another model config; pass another --out or the same options")
+        model.load_state_dict(st["model"])
+        ema.model.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+    log = JsonlLog(out / "log.jsonl") if rank == 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
+    bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="train", disable=not progress or rank)
+    for step in bar:
+        lr = lr_at(step, recipe.lr, recipe.warmup, recipe.steps, recipe.lr_schedule)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = batch_indices(len(codes), step, recipe.batch_size, recipe.seed)
+        total = 0.0
+        for a in range(recipe.grad_accum):
+            lo = (a * world + rank) * micro
+            mine = idx[lo:lo + micro]
+            with autocast:
+                loss = masked_modeling_loss(model, codes[mine].to(device), labels[mine].to(device),
+                                            (step * recipe.batch_size + lo + torch.arange(micro)).to(device),
+                                            recipe.seed, step, recipe.class_dropout, recipe.transcoder_repeat).mean()
+            (loss / recipe.grad_accum).backward()
+            total += loss.item() / recipe.grad_accum
+        if world > 1:
+            average_gradients(model, world)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip) if recipe.grad_clip else torch.zeros(())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+        if log and (step % recipe.log_every == 0 or step == recipe.steps - 1):
+            log.write(step, loss=total, lr=lr, grad_norm=float(gnorm))
+            bar.set_postfix(loss=f"{total:.4f}")
+        if rank == 0 and ((step + 1) % recipe.save_every == 0 or step == recipe.steps - 1):
+            save_state(state_path, {"kind": "bigr-train", "step": step + 1, "model": model.state_dict(),
+                                    "ema": ema.model.state_dict(), "opt": opt.state_dict(),
+                                    "config": cfg.to_dict(), "recipe": asdict(recipe)})
+            if on_save:
+                on_save(step + 1, ema.model)
+    return model.eval(), ema.model
+
+
+def average_gradients(model: torch.nn.Module, world: int):
+    """All-reduce the gradients (one flat buffer): each rank's loss is a mean of per-sample means over the
+    same number of samples, so the average over ranks is the global-batch gradient."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()
+
+
+def init_distributed():
+    """Join a torchrun job (gloo on CPU, nccl on GPU) when its environment variables are set."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
