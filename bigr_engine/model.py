@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import sampler
+from . import engine, sampler
 from .config import BiGRConfig
 from .errors import BigrError
 from .transcoder import Transcoder, schedule_tables
@@ -81,9 +81,13 @@ class BiGR(nn.Module):
     def generate(self, labels, cfg: float = 2.5, iters: int = 20, steps: int = 100, gumbel: float = 0.0,
                  cfg_schedule: str = "constant", gumbel_schedule: str = "constant", temperature: float = 1.0,
                  deterministic: bool = False, greedy: bool = False, seed: int = 0,
-                 sample_index=None, progress: bool = False) -> torch.Tensor:
+                 sample_index=None, progress: bool = False, backend: str = "engine") -> torch.Tensor:
         """Class-conditional generation -> codes (B,N,K) uint8. Sample i is keyed by (seed, sample_index[i])
-        (default: its position in the batch), so it does not depend on the rest of the batch."""
+        (default: its position in the batch), so it does not depend on the rest of the batch.
+        backend="engine" (default) is the fast path; "reference" runs the release's algorithm as written.
+        Both give the same codes for the same seed."""
+        if backend not in ("engine", "reference"):
+            raise BigrError(f"backend must be 'engine' or 'reference', got {backend!r}")
         labels = self.check_labels(labels)
         if cfg_schedule not in sampler.CFG_SCHEDULES:
             raise BigrError(f"cfg_schedule must be one of {sampler.CFG_SCHEDULES}, got {cfg_schedule!r}")
@@ -104,4 +108,5 @@ class BiGR(nn.Module):
         opts = sampler.SamplingOptions(cfg=cfg, iters=iters, steps=steps, gumbel=gumbel, cfg_schedule=cfg_schedule,
                                        gumbel_schedule=gumbel_schedule, temperature=temperature,
                                        deterministic=deterministic, greedy=greedy, seed=seed)
-        return sampler.generate(self, labels, opts, sample_index, progress)
+        run = engine.generate if backend == "engine" else sampler.generate
+        return run(self, labels, opts, sample_index, progress)

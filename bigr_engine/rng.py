@@ -45,24 +45,38 @@ def _absorb(h: torch.Tensor, v) -> torch.Tensor:
     return mix32(h ^ mix32((v + 0x9E3779B9) & MASK32))
 
 
-def random_bits(seed: int, sample_index: torch.Tensor, stream_id: int, count: int) -> torch.Tensor:
-    """32-bit hashes, (B, count) int64 in [0, 2^32): element [b, j] is keyed by (seed, sample_index[b], stream_id, j)."""
-    dev = sample_index.device
-    h = torch.full((1,), seed & MASK32, dtype=torch.int64, device=dev)
+def random_bits_at(seed: int, sample_index: torch.Tensor, stream_id: int, counters: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64 in [0, 2^32)) keyed by (seed, sample_index[b], stream_id, counters[b, ...])."""
+    h = torch.full((1,), seed & MASK32, dtype=torch.int64, device=sample_index.device)
     h = _absorb(mix32(h), (seed >> 32) & MASK32)
-    h = _absorb(h, sample_index.to(torch.int64)[:, None] & MASK32)
+    lead = (-1,) + (1,) * (counters.dim() - 1)
+    h = _absorb(h, sample_index.to(torch.int64).view(lead) & MASK32)
     h = _absorb(h, stream_id)
-    return _absorb(h, torch.arange(count, dtype=torch.int64, device=dev)[None])
+    return _absorb(h, counters.to(torch.int64))
+
+
+def random_bits(seed: int, sample_index: torch.Tensor, stream_id: int, count: int) -> torch.Tensor:
+    """(B, count) hashes: element [b, j] is keyed by (seed, sample_index[b], stream_id, j)."""
+    counters = torch.arange(count, dtype=torch.int64, device=sample_index.device)[None]
+    return random_bits_at(seed, sample_index, stream_id, counters)
+
+
+def to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """Hashes -> uniforms in the open interval (0, 1), float32: the top 24 bits plus half a step."""
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
 def uniform(seed: int, sample_index: torch.Tensor, stream_id: int, shape: tuple) -> torch.Tensor:
-    """Uniforms in the open interval (0, 1), float32, (B, *shape): the top 24 bits plus half a step."""
+    """(B, *shape) uniforms; the counter of an element is its flat position within `shape`."""
     n = 1
     for s in shape:
         n *= s
-    bits = random_bits(seed, sample_index, stream_id, n) >> 8
-    u = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return u.view(sample_index.shape[0], *shape)
+    return to_uniform(random_bits(seed, sample_index, stream_id, n)).view(sample_index.shape[0], *shape)
+
+
+def uniform_at(seed: int, sample_index: torch.Tensor, stream_id: int, counters: torch.Tensor) -> torch.Tensor:
+    """Uniforms for explicit counters (B, ...): the same values `uniform` gives at those flat positions."""
+    return to_uniform(random_bits_at(seed, sample_index, stream_id, counters))
 
 
 def bernoulli(p: torch.Tensor, seed: int, sample_index: torch.Tensor, stream_id: int) -> torch.Tensor:
@@ -73,5 +87,8 @@ def bernoulli(p: torch.Tensor, seed: int, sample_index: torch.Tensor, stream_id:
 
 def gumbel(seed: int, sample_index: torch.Tensor, stream_id: int, shape: tuple) -> torch.Tensor:
     """Standard Gumbel noise -log(-log u), float32, computed in float64 so every backend rounds alike."""
-    u = uniform(seed, sample_index, stream_id, shape).double()
-    return (-torch.log(-torch.log(u))).float()
+    return to_gumbel(uniform(seed, sample_index, stream_id, shape))
+
+
+def to_gumbel(u: torch.Tensor) -> torch.Tensor:
+    return (-torch.log(-torch.log(u.double()))).float()
