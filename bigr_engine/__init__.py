@@ -7,6 +7,7 @@
 """
 from ._version import __version__
 from .bae import BinaryAutoencoder
+from .default_model import load_default
 from .config import BAEConfig, BiGRConfig, bae_preset, bigr_preset
 from .errors import BigrError, CheckpointError
 from .loading import check_pair, convert, load_bae, load_bigr, save_model
@@ -14,5 +15,5 @@ from .model import BiGR
 
 __all__ = [
     "__version__", "BiGR", "BiGRConfig", "BinaryAutoencoder", "BAEConfig", "BigrError", "CheckpointError",
-    "bigr_preset", "bae_preset", "load_bigr", "load_bae", "save_model", "convert", "check_pair",
+    "bigr_preset", "bae_preset", "load_default", "load_bigr", "load_bae", "save_model", "convert", "check_pair",
 ]

@@ -1,0 +1,41 @@
+"""Loading the compiled extension `bigr_engine._C`; importing it registers the `torch.ops.bigr` ops.
+
+The engine works without it (plain-PyTorch paths); `have_extension()` says whether it loaded and
+`extension_error()` why not.
+"""
+from __future__ import annotations
+
+import torch
+
+_error: str | None = None
+_info: dict | None = None
+
+try:
+    from . import _C  # noqa: F401  (registers the ops)
+    _info = dict(_C.build_info())
+    if _info["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:
+        _error = (f"bigr_engine._C was built against torch {_info['torch_version']} but torch {torch.__version__} is "
+                  f"installed; rebuild it: pip install --no-build-isolation -e .")
+except ImportError as e:
+    _error = f"bigr_engine._C is not built or failed to load ({e}); build it: pip install --no-build-isolation -e ."
+
+
+def have_extension() -> bool:
+    return _error is None
+
+
+def extension_error() -> str | None:
+    return _error
+
+
+def build_info() -> dict:
+    return dict(_info or {})
+
+
+def have_cuda_kernels() -> bool:
+    return have_extension() and bool(_info.get("with_cuda"))
+
+
+def require_extension():
+    if _error is not None:
+        raise ImportError(_error)
