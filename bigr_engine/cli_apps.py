@@ -227,13 +227,13 @@ def _mask_pil(mask: torch.Tensor):
 
 
 def _sheet(rows: list[list]):
-    """PIL images in rows -> one sheet (2 px white gaps)."""
+    """PIL images in rows -> one sheet (2 px grey gaps, so that white masks stay visible)."""
     from PIL import Image
     gap = 2
     w = max(im.size[0] for row in rows for im in row)
     h = max(im.size[1] for row in rows for im in row)
     cols = max(len(row) for row in rows)
-    sheet = Image.new("RGB", (cols * w + (cols + 1) * gap, len(rows) * h + (len(rows) + 1) * gap), "white")
+    sheet = Image.new("RGB", (cols * w + (cols + 1) * gap, len(rows) * h + (len(rows) + 1) * gap), (128, 128, 128))
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
             sheet.paste(im, (gap + c * (w + gap), gap + r * (h + gap)))
