@@ -26,7 +26,7 @@ ASSETS = Path(be.__file__).parent / "assets"
 BAE = be.BAEConfig(nf=32, ch_mult=[1, 2, 2], res_blocks=1, attn_resolutions=[], emb_dim=64, codebook_size=16, img_size=32)
 BIGR = be.BiGRConfig(dim=128, n_layer=4, n_head=2, bits=16, num_tokens=64, num_classes=10,
                      transcoder_blocks=2, transcoder_dim=128)
-SAMPLING = dict(cfg=2.0, iters=8, steps=25, gumbel=0.5, gumbel_schedule="down", temperature=1.0)
+SAMPLING = dict(cfg=3.0, iters=16, steps=25, gumbel=1.0, gumbel_schedule="down", temperature=1.0, deterministic=True)
 
 
 def main(argv=None):
