@@ -12,6 +12,15 @@ from dataclasses import dataclass, field
 from .errors import CheckpointError, BigrError
 
 
+def _known_fields(cls, d: dict, what: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise CheckpointError(f"unknown {what} {sorted(unknown)}; valid names are {sorted(names)} "
+                              f"(was the file written by another bigr-engine version?)")
+    return d
+
+
 def ffn_hidden(dim: int) -> int:
     """SwiGLU hidden size of the release: int(2 * 4D / 3) rounded up to a multiple of 256."""
     hidden = int(2 * 4 * dim / 3)
@@ -62,11 +71,7 @@ class BiGRConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BiGRConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise CheckpointError(f"unknown BiGR config keys {sorted(unknown)}; the file was not written by this bigr-engine version")
-        return cls(**d)
+        return cls(**_known_fields(cls, d, "BiGR config keys"))
 
 
 # Released BiGR transformers (spec section 1). Bits and classes come from the checkpoint.
@@ -131,11 +136,7 @@ class BAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise BigrError(f"unknown B-AE option(s) {sorted(unknown)}; valid names are {sorted(names)}")
-        return cls(**d)
+        return cls(**_known_fields(cls, d, "B-AE options"))
 
 
 def bae_preset(name: str, **overrides) -> BAEConfig:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import rng
-from .sampler import SamplingOptions, cfg_at, gumbel_at, masked_after
+from .sampler import SamplingOptions, cfg_at, gumbel_at, masked_after, prepare_batch
 from .transcoder import flip_to_p0, inference_steps, posterior_one
 
 
@@ -53,12 +53,7 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
     cfg_model = model.cfg
     B, N, K = labels.shape[0], cfg_model.num_tokens, cfg_model.bits
     dev = model.device
-    labels = labels.to(dev)
-    if sample_index is None:
-        sample_index = torch.arange(B, device=dev)
-    null = torch.full((B,), cfg_model.null_class, dtype=torch.long, device=dev)
-    if labels.is_floating_point():
-        null = torch.nn.functional.one_hot(null, cfg_model.num_classes + 1).to(labels.dtype)
+    labels, sample_index, null = prepare_batch(model, labels, sample_index)
     use_cfg = opts.cfg != 1.0
     cond_labels = torch.cat([labels, null]) if use_cfg else labels
     tables = model.schedule(dev)

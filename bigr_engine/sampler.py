@@ -96,6 +96,18 @@ def select_tokens(conf: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -
     return (rank < count[:, None]) & mask
 
 
+def prepare_batch(model, labels: torch.Tensor, sample_index: torch.Tensor | None):
+    """-> labels and sample indices on the model's device, and the matching null-class labels (ids or weights)."""
+    dev = model.device
+    labels = labels.to(dev)
+    if sample_index is None:
+        sample_index = torch.arange(labels.shape[0], device=dev)
+    null = torch.full((labels.shape[0],), model.cfg.null_class, dtype=torch.long, device=dev)
+    if labels.is_floating_point():
+        null = torch.nn.functional.one_hot(null, model.cfg.num_classes + 1).to(labels.dtype)
+    return labels, sample_index.to(dev), null
+
+
 @torch.no_grad()
 def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: torch.Tensor | None = None,
              progress: bool = False, codes: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -107,13 +119,8 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
     cfg_model = model.cfg
     B, N, K = labels.shape[0], cfg_model.num_tokens, cfg_model.bits
     dev = model.device
-    labels = labels.to(dev)
-    if sample_index is None:
-        sample_index = torch.arange(B, device=dev)
-    null = torch.full((B,), cfg_model.null_class, dtype=torch.long, device=dev)
-    if labels.is_floating_point():
-        null = torch.nn.functional.one_hot(null, cfg_model.num_classes + 1).to(labels.dtype)
-    use_cfg = not (opts.cfg == 1.0)
+    labels, sample_index, null = prepare_batch(model, labels, sample_index)
+    use_cfg = opts.cfg != 1.0
     tables = model.schedule(dev)
 
     codes = torch.zeros(B, N, K, device=dev) if codes is None else codes.to(dev, torch.float32).clone()
