@@ -15,9 +15,10 @@ try:
     _info = dict(_C.build_info())
     if _info["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:
         _error = (f"bigr_engine._C was built against torch {_info['torch_version']} but torch {torch.__version__} is "
-                  f"installed; rebuild it: pip install --no-build-isolation -e .")
-except ImportError as e:
-    _error = f"bigr_engine._C is not built or failed to load ({e}); build it: pip install --no-build-isolation -e ."
+                  f"installed; reinstall with: pip install --no-build-isolation -e .")
+except (ImportError, OSError) as e:
+    _error = (f"bigr_engine._C is not built or failed to load ({e}); "
+              f"reinstall with: pip install --no-build-isolation -e .")
 
 
 def have_extension() -> bool:
@@ -29,6 +30,7 @@ def extension_error() -> str | None:
 
 
 def build_info() -> dict:
+    """The extension's build metadata: torch_version, with_cuda, cuda_archs, cuda_version, compiler ({} if absent)."""
     return dict(_info or {})
 
 
@@ -36,6 +38,7 @@ def have_cuda_kernels() -> bool:
     return have_extension() and bool(_info.get("with_cuda"))
 
 
-def require_extension():
+def require_extension() -> None:
+    """Raise ImportError with the reason and the fix when the extension is unusable."""
     if _error is not None:
         raise ImportError(_error)

@@ -6,15 +6,22 @@ import sys
 
 import torch
 
+_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
+
 
 def op_table() -> list[tuple[str, list[str]]]:
-    """Every op of the `bigr` namespace with the dispatch keys that have a kernel for it."""
+    """Every op of the `bigr` namespace with the dispatch keys that have a kernel for it (+ "fake")."""
     rows = []
     for name in sorted(torch._C._dispatch_get_all_op_names()):
         if not name.startswith("bigr::"):
             continue
-        keys = [k for k in ("CPU", "CUDA", "Meta", "Autograd")
-                if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
+        keys = []
+        for k in _KEYS:
+            try:
+                if torch._C._dispatch_has_kernel_for_dispatch_key(name, k):
+                    keys.append(k)
+            except Exception:  # private API: report what can be reported
+                pass
         if _has_fake(name):
             keys.append("fake")
         rows.append((name, keys))
@@ -29,25 +36,44 @@ def _has_fake(name: str) -> bool:
         return False
 
 
+def _gpu_line(archs: str | None) -> str:
+    if not torch.cuda.is_available():
+        return "none visible"
+    lines = []
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        line = f"{i}: {torch.cuda.get_device_name(i)} (sm {major}.{minor})"
+        if archs is not None and f"{major}.{minor}" not in archs.replace("+PTX", "").split():
+            line += " -- no CUDA kernels built for this arch"
+        lines.append(line)
+    return "\n            ".join(lines)
+
+
 def report() -> str:
-    from . import __version__
+    from ._version import __version__
     from ._ext import build_info, extension_error, have_extension
+    b = build_info() if have_extension() else {}
     lines = [
         f"bigr-engine {__version__}",
         f"python      {platform.python_version()} ({sys.executable})",
         f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        f"gpu         {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}",
+        f"gpu         {_gpu_line(b['cuda_archs'] if b.get('with_cuda') else None)}",
     ]
-    if have_extension():
-        from . import ops  # noqa: F401  (registers the fake kernels)
-        b = build_info()
-        lines.append(f"extension   built against torch {b['torch_version']} with {b['compiler']}")
-        lines.append(f"cuda kernels {'yes, for sm ' + b['cuda_archs'] if b['with_cuda'] else 'not built'}")
-        lines.append("ops:")
-        lines += [f"  {name:32s} {', '.join(keys)}" for name, keys in op_table()]
-    else:
+    if not have_extension():
         lines.append(f"extension   NOT loaded: {extension_error()}")
         lines.append("            the engine runs its plain-PyTorch paths")
+        return "\n".join(lines)
+    lines.append(f"extension   built against torch {b['torch_version']} with {b['compiler']}")
+    if b["with_cuda"]:
+        lines.append(f"cuda kernels yes, CUDA {b.get('cuda_version') or '?'}, archs {b['cuda_archs']}")
+    else:
+        lines.append("cuda kernels not built")
+    try:
+        from . import ops  # noqa: F401  (registers the fake kernels)
+    except Exception as e:  # a broken ops.py must not hide the rest of the report
+        lines.append(f"fake kernels NOT registered: bigr_engine.ops failed to import: {type(e).__name__}: {e}")
+    lines.append("ops:")
+    lines += [f"  {name:32s} {', '.join(keys)}" for name, keys in op_table()]
     return "\n".join(lines)
 
 

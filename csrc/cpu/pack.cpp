@@ -7,9 +7,11 @@
 
 namespace bigr {
 
+constexpr int64_t kGrain = 4096;  // rows per at::parallel_for task
+
 template <typename word_t>
 static void pack_rows(const uint8_t* bits, word_t* words, int64_t rows, int64_t K) {
-  at::parallel_for(0, rows, 4096, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, rows, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       uint64_t w = 0;
       const uint8_t* b = bits + r * K;
@@ -21,7 +23,7 @@ static void pack_rows(const uint8_t* bits, word_t* words, int64_t rows, int64_t 
 
 template <typename word_t>
 static void unpack_rows(const word_t* words, uint8_t* bits, int64_t rows, int64_t K) {
-  at::parallel_for(0, rows, 4096, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, rows, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const uint64_t w = static_cast<uint64_t>(words[r]);
       uint8_t* b = bits + r * K;
@@ -31,30 +33,21 @@ static void unpack_rows(const word_t* words, uint8_t* bits, int64_t rows, int64_
 }
 
 at::Tensor pack_bits_cpu(const at::Tensor& bits) {
-  BIGR_CHECK(bits.dim() >= 1, "pack_bits: codes need a last dimension of bits, got a 0-d tensor");
-  const int64_t K = bits.size(-1);
-  check_bit_width("pack_bits", K);
-  const at::Tensor b = bits.ne(0).to(at::kByte).contiguous();
-  auto shape = bits.sizes().vec();
-  shape.pop_back();
-  at::Tensor words = at::empty(shape, bits.options().dtype(word_dtype(K)));
-  const int64_t rows = words.numel();
-  if (K <= 32) pack_rows<int32_t>(b.data_ptr<uint8_t>(), words.data_ptr<int32_t>(), rows, K);
-  else pack_rows<int64_t>(b.data_ptr<uint8_t>(), words.data_ptr<int64_t>(), rows, K);
+  const int64_t K = check_pack_input(bits);
+  const at::Tensor b = pack_input_bytes(bits);
+  at::Tensor words = empty_words(bits, K);
+  const auto* src = static_cast<const uint8_t*>(b.data_ptr());
+  if (K <= 32) pack_rows<int32_t>(src, words.data_ptr<int32_t>(), words.numel(), K);
+  else pack_rows<int64_t>(src, words.data_ptr<int64_t>(), words.numel(), K);
   return words;
 }
 
 at::Tensor unpack_bits_cpu(const at::Tensor& words, int64_t K) {
-  check_bit_width("unpack_bits", K);
-  BIGR_CHECK(words.scalar_type() == word_dtype(K), "unpack_bits: ", K, "-bit codes are packed in ",
-             K <= 32 ? "int32" : "int64", " words, got ", words.scalar_type(), "; pass the K the words were packed with");
+  check_unpack_input(words, K);
   const at::Tensor w = words.contiguous();
-  auto shape = words.sizes().vec();
-  shape.push_back(K);
-  at::Tensor bits = at::empty(shape, words.options().dtype(at::kByte));
-  const int64_t rows = w.numel();
-  if (K <= 32) unpack_rows<int32_t>(w.data_ptr<int32_t>(), bits.data_ptr<uint8_t>(), rows, K);
-  else unpack_rows<int64_t>(w.data_ptr<int64_t>(), bits.data_ptr<uint8_t>(), rows, K);
+  at::Tensor bits = empty_bits(words, K);
+  if (K <= 32) unpack_rows<int32_t>(w.data_ptr<int32_t>(), bits.data_ptr<uint8_t>(), w.numel(), K);
+  else unpack_rows<int64_t>(w.data_ptr<int64_t>(), bits.data_ptr<uint8_t>(), w.numel(), K);
   return bits;
 }
 

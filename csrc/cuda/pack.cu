@@ -1,4 +1,5 @@
-// CUDA kernels: pack_bits / unpack_bits, one thread per token word.
+// CUDA kernels: pack_bits / unpack_bits. One thread per token word; each block stages its rows' K bytes in shared
+// memory so that the byte side (loads in pack, stores in unpack) is read/written with coalesced accesses too.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,63 +9,73 @@
 
 namespace bigr {
 
+constexpr int kRowsPerBlock = 256;  // threads per block = words per block; the tile is at most 256 * 64 B = 16 KiB
+
 template <typename word_t>
 __global__ void pack_kernel(const uint8_t* __restrict__ bits, word_t* __restrict__ words, int64_t rows, int K) {
-  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r >= rows) return;
-  const uint8_t* b = bits + r * K;
-  uint64_t w = 0;
-  for (int j = 0; j < K; ++j) w |= static_cast<uint64_t>(b[j] != 0) << j;
-  words[r] = static_cast<word_t>(w);
+  extern __shared__ uint8_t tile[];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int n = static_cast<int>(min(static_cast<int64_t>(kRowsPerBlock), rows - row0));
+  const uint8_t* src = bits + row0 * K;
+  for (int i = threadIdx.x; i < n * K; i += blockDim.x) tile[i] = src[i];
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < n) {
+    const uint8_t* b = tile + threadIdx.x * K;
+    uint64_t w = 0;
+    for (int j = 0; j < K; ++j) w |= static_cast<uint64_t>(b[j] != 0) << j;
+    words[row0 + threadIdx.x] = static_cast<word_t>(w);
+  }
 }
 
-// Threads own one output byte each so that stores are coalesced; the word is re-read from cache.
 template <typename word_t>
-__global__ void unpack_kernel(const word_t* __restrict__ words, uint8_t* __restrict__ bits, int64_t total, int K) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= total) return;
-  const uint64_t w = static_cast<uint64_t>(words[i / K]);
-  bits[i] = static_cast<uint8_t>((w >> (i % K)) & 1u);
+__global__ void unpack_kernel(const word_t* __restrict__ words, uint8_t* __restrict__ bits, int64_t rows, int K) {
+  extern __shared__ uint8_t tile[];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int n = static_cast<int>(min(static_cast<int64_t>(kRowsPerBlock), rows - row0));
+  if (static_cast<int>(threadIdx.x) < n) {
+    const uint64_t w = static_cast<uint64_t>(words[row0 + threadIdx.x]);
+    uint8_t* b = tile + threadIdx.x * K;
+    for (int j = 0; j < K; ++j) b[j] = static_cast<uint8_t>((w >> j) & 1u);
+  }
+  __syncthreads();
+  uint8_t* dst = bits + row0 * K;
+  for (int i = threadIdx.x; i < n * K; i += blockDim.x) dst[i] = tile[i];
 }
-
-static unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 at::Tensor pack_bits_cuda(const at::Tensor& bits) {
-  BIGR_CHECK(bits.dim() >= 1, "pack_bits: codes need a last dimension of bits, got a 0-d tensor");
-  const int64_t K = bits.size(-1);
-  check_bit_width("pack_bits", K);
+  const int64_t K = check_pack_input(bits);
   const c10::cuda::CUDAGuard guard(bits.device());
-  const at::Tensor b = bits.ne(0).to(at::kByte).contiguous();
-  auto shape = bits.sizes().vec();
-  shape.pop_back();
-  at::Tensor words = at::empty(shape, bits.options().dtype(word_dtype(K)));
+  const at::Tensor b = pack_input_bytes(bits);
+  at::Tensor words = empty_words(bits, K);
   const int64_t rows = words.numel();
   if (rows == 0) return words;
+  const auto blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  const size_t smem = kRowsPerBlock * K;
   auto stream = at::cuda::getCurrentCUDAStream();
+  const auto* src = static_cast<const uint8_t*>(b.data_ptr());
   if (K <= 32)
-    pack_kernel<int32_t><<<blocks_for(rows, 256), 256, 0, stream>>>(b.data_ptr<uint8_t>(), words.data_ptr<int32_t>(), rows, int(K));
+    pack_kernel<int32_t><<<blocks, kRowsPerBlock, smem, stream>>>(src, words.data_ptr<int32_t>(), rows, int(K));
   else
-    pack_kernel<int64_t><<<blocks_for(rows, 256), 256, 0, stream>>>(b.data_ptr<uint8_t>(), words.data_ptr<int64_t>(), rows, int(K));
+    pack_kernel<int64_t><<<blocks, kRowsPerBlock, smem, stream>>>(src, words.data_ptr<int64_t>(), rows, int(K));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return words;
 }
 
 at::Tensor unpack_bits_cuda(const at::Tensor& words, int64_t K) {
-  check_bit_width("unpack_bits", K);
-  BIGR_CHECK(words.scalar_type() == word_dtype(K), "unpack_bits: ", K, "-bit codes are packed in ",
-             K <= 32 ? "int32" : "int64", " words, got ", words.scalar_type(), "; pass the K the words were packed with");
+  check_unpack_input(words, K);
   const c10::cuda::CUDAGuard guard(words.device());
   const at::Tensor w = words.contiguous();
-  auto shape = words.sizes().vec();
-  shape.push_back(K);
-  at::Tensor bits = at::empty(shape, words.options().dtype(at::kByte));
-  const int64_t total = bits.numel();
-  if (total == 0) return bits;
+  at::Tensor bits = empty_bits(words, K);
+  const int64_t rows = w.numel();
+  if (rows == 0) return bits;
+  const auto blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  const size_t smem = kRowsPerBlock * K;
   auto stream = at::cuda::getCurrentCUDAStream();
+  auto* dst = bits.data_ptr<uint8_t>();
   if (K <= 32)
-    unpack_kernel<int32_t><<<blocks_for(total, 256), 256, 0, stream>>>(w.data_ptr<int32_t>(), bits.data_ptr<uint8_t>(), total, int(K));
+    unpack_kernel<int32_t><<<blocks, kRowsPerBlock, smem, stream>>>(w.data_ptr<int32_t>(), dst, rows, int(K));
   else
-    unpack_kernel<int64_t><<<blocks_for(total, 256), 256, 0, stream>>>(w.data_ptr<int64_t>(), bits.data_ptr<uint8_t>(), total, int(K));
+    unpack_kernel<int64_t><<<blocks, kRowsPerBlock, smem, stream>>>(w.data_ptr<int64_t>(), dst, rows, int(K));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return bits;
 }
