@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import sys
 
 import torch
@@ -36,6 +37,21 @@ def _has_fake(name: str) -> bool:
         return False
 
 
+def _archs_cover(archs: str, major: int, minor: int) -> bool:
+    """Whether a build for `archs` ("8.0 9.0+PTX ...") runs on sm major.minor: same-major cubins run on later minors,
+    PTX on any later arch, "a"/"f" variants only on their own arch; unknown spellings count as covering."""
+    for a in archs.split():
+        ptx = a.endswith("+PTX")
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", a.removesuffix("+PTX"))
+        if not m:
+            return True
+        arch = (int(m[1]), int(m[2]))
+        if arch == (major, minor) or (ptx and arch <= (major, minor)) or (
+                not m[3] and arch[0] == major and arch[1] <= minor):
+            return True
+    return False
+
+
 def _gpu_line(archs: str | None) -> str:
     if not torch.cuda.is_available():
         return "none visible"
@@ -43,8 +59,8 @@ def _gpu_line(archs: str | None) -> str:
     for i in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(i)
         line = f"{i}: {torch.cuda.get_device_name(i)} (sm {major}.{minor})"
-        if archs is not None and f"{major}.{minor}" not in archs.replace("+PTX", "").split():
-            line += " -- no CUDA kernels built for this arch"
+        if archs is not None and not _archs_cover(archs, major, minor):
+            line += " -- the CUDA kernels were not built for this arch (set TORCH_CUDA_ARCH_LIST and rebuild)"
         lines.append(line)
     return "\n            ".join(lines)
 

@@ -155,3 +155,9 @@ def test_info_lists_ops(tmp_path):
         for op in ("bigr::pack_bits", "bigr::unpack_bits"):
             line = next(line for line in out.stdout.splitlines() if op in line)
             assert "CPU" in line and ("CUDA" in line) == have_cuda_kernels()
+
+
+def test_info_arch_coverage():
+    from bigr_engine.info import _archs_cover
+    assert _archs_cover("8.0 8.6 8.9 9.0", 9, 0) and _archs_cover("8.0", 8, 6) and _archs_cover("8.0+PTX", 9, 0)
+    assert not _archs_cover("8.0", 9, 0) and not _archs_cover("8.6", 8, 0) and not _archs_cover("9.0a", 9, 1)
