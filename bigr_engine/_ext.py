@@ -42,3 +42,17 @@ def require_extension() -> None:
     """Raise ImportError with the reason and the fix when the extension is unusable."""
     if _error is not None:
         raise ImportError(_error)
+
+
+def has_op(qualname: str) -> bool:
+    """Whether the loaded extension defines `qualname` ("bigr::pack_bits")."""
+    ns, name = qualname.split("::")
+    return have_extension() and hasattr(getattr(torch.ops, ns), name)
+
+
+def register_fake(qualname: str):
+    """`torch.library.register_fake` for an op of the loaded extension; a no-op decorator when the extension is absent
+    or does not define the op (built from older sources), so that ops.py stays importable either way."""
+    if has_op(qualname):
+        return torch.library.register_fake(qualname)
+    return lambda fn: fn

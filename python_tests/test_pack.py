@@ -161,3 +161,11 @@ def test_info_arch_coverage():
     from bigr_engine.info import _archs_cover
     assert _archs_cover("8.0 8.6 8.9 9.0", 9, 0) and _archs_cover("8.0", 8, 6) and _archs_cover("8.0+PTX", 9, 0)
     assert not _archs_cover("8.0", 9, 0) and not _archs_cover("8.6", 8, 0) and not _archs_cover("9.0a", 9, 1)
+
+
+def test_register_fake_skips_ops_the_build_lacks():
+    from bigr_engine._ext import has_op, register_fake
+    assert has_op("bigr::pack_bits") == have_extension()
+    assert not has_op("bigr::no_such_op")
+    fn = register_fake("bigr::no_such_op")(lambda x: x)  # no error: the op is not in this build
+    assert fn(3) == 3
