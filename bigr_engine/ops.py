@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ._ext import have_extension
+from ._ext import register_fake as _register_fake
 from .reference_ops import word_dtype
 
 
@@ -18,6 +19,42 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def unpack_bits(words: torch.Tensor, K: int) -> torch.Tensor:
     """(...) words -> (..., K) uint8 codes."""
     return torch.ops.bigr.unpack_bits(words, K)
+
+
+def rng_bits(seed: int, sample_index: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.Tensor:
+    """rng.random_bits_at: (B,) sample indices, (B, ...) counters -> int64 hashes in [0, 2^32)."""
+    return torch.ops.bigr.rng_bits(seed, sample_index, stream, counters)
+
+
+def rng_uniform(seed: int, sample_index: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.Tensor:
+    """rng.uniform_at: the same keys -> float32 uniforms."""
+    return torch.ops.bigr.rng_uniform(seed, sample_index, stream, counters)
+
+
+@_register_fake("bigr::rng_bits")
+def _(seed, sample_index, stream, counters):
+    return counters.new_empty(counters.shape, dtype=torch.int64)
+
+
+@_register_fake("bigr::rng_uniform")
+def _(seed, sample_index, stream, counters):
+    return counters.new_empty(counters.shape, dtype=torch.float32)
+
+
+# The engine-loop ops below write into caller-provided buffers and return nothing: no fake kernels needed.
+def posterior_step(logits_c, logits_u, x_t, out, cfg: float, temperature: float, t: int, t_next: int, k_final, b_final,
+                   beta, seed: int, sample_index, stream: int, token_index, greedy: bool) -> None:
+    """One fused transcoder step into `out`: x_(t'), or p0 (float32) when t_next <= 0.
+    Same results as reference_ops.posterior_step_ref."""
+    torch.ops.bigr.posterior_step(logits_c, logits_u, x_t, out, cfg, temperature, t, t_next, k_final, b_final, beta,
+                                  seed, sample_index, stream, token_index, greedy)
+
+
+def unmask_topk(p0, index, k, codes, mask, gumbel_temp: float, seed: int, sample_index, gumbel_stream: int,
+                bits_stream: int, deterministic: bool) -> None:
+    """Unmask the k[b] most confident masked candidates per row in place; see reference_ops.unmask_topk_ref."""
+    torch.ops.bigr.unmask_topk(p0, index, k, codes, mask, gumbel_temp, seed, sample_index, gumbel_stream, bits_stream,
+                               deterministic)
 
 
 if have_extension():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from . import rng
+
 
 def word_dtype(K: int) -> torch.dtype:
     return torch.int32 if K <= 32 else torch.int64
@@ -26,3 +28,102 @@ def unpack_bits_ref(words: torch.Tensor, K: int) -> torch.Tensor:
         raise ValueError(f"unpack_bits: K={K} bits per token is outside 1..64")
     w = words.to(torch.int64)[..., None]
     return ((w >> torch.arange(K, device=words.device)) & 1).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generation loop's ops (csrc/sampling.h): the same float operations in the same order, so the CPU kernels give
+# bit-identical results on float32 inputs. They follow engine.transcode_masked and engine._iteration except in two
+# places, where torch's own results depend on the CPU's vector width: the sigmoid (below) and the mean over bits of
+# the confidence (summed in bit order here).
+
+# 1/n!, n = 0..13: the Taylor polynomial of exp on |r| <= 0.35 (relative error < 1e-16)
+_EXP_TAYLOR = (1.0, 1.0, 0.5, 0.16666666666666666, 0.041666666666666664, 0.008333333333333333, 0.001388888888888889,
+               0.0001984126984126984, 2.48015873015873e-05, 2.7557319223985893e-06, 2.755731922398589e-07,
+               2.505210838544172e-08, 2.08767569878681e-09, 1.6059043836821613e-10)
+
+
+def sigmoid_ref(logits: torch.Tensor) -> torch.Tensor:
+    """The sampling ops' sigmoid, float32: 1 / (1 + exp(-l)) in float64, exp built from + - * / only
+    (2^k times a Taylor polynomial of the reduced argument), then rounded. Within 1 ulp of the true sigmoid (torch's
+    float32 sigmoid is within 2), and the same on every backend since no libm function is involved."""
+    x = (-logits.double()).clamp(-40.0, 110.0)   # changes no result: 1 + e^x is 1 below -40, sigmoid < 2^-150 above 110
+    k = torch.round(x * 1.4426950408889634)     # half to even
+    r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10
+    p = torch.full_like(r, _EXP_TAYLOR[-1])
+    for c in reversed(_EXP_TAYLOR[:-1]):
+        p = p * r + c
+    scale = ((k.long() + 1023) << 52).view(torch.float64)   # 2^k exactly
+    return torch.reciprocal(1.0 + p * scale).float()
+
+
+def _bit_counters(token_index: torch.Tensor, K: int) -> torch.Tensor:
+    """(B, n) token positions -> (B, n, K) rng counters token * K + bit, as the engine keys token bits."""
+    return token_index.long()[..., None] * K + torch.arange(K, device=token_index.device)
+
+
+def posterior_step_ref(logits_c, logits_u, x_t, out, cfg: float, temperature: float, t: int, t_next: int,
+                       k_final, b_final, beta, seed: int, sample_index, stream: int, token_index, greedy: bool) -> None:
+    """One transcoder step for B*n tokens (engine.transcode_masked's loop body), written into `out`.
+    logits_c/logits_u (B*n, K) (logits_u None: no CFG), x_t 0/1; token_index (B, n) positions key the draws.
+    t_next <= 0: the last step, out = p0 float32; else out = x_(t') ~ Bernoulli(posterior) (its mode when greedy)."""
+    B, n = token_index.shape
+    K = logits_c.shape[-1]
+    l = logits_c.reshape(B, n, K).float() / temperature
+    if logits_u is not None:
+        l_u = logits_u.reshape(B, n, K).float() / temperature
+        l = l_u + cfg * (l - l_u)
+    x = (x_t.reshape(B, n, K) != 0).float()
+    p_flip = sigmoid_ref(l)
+    p0 = x * (1 - p_flip) + (1 - x) * p_flip                  # transcoder.flip_to_p0
+    if t_next <= 0:
+        out.copy_(p0.view(out.shape))
+        return
+    prior1 = k_final[t_next] * p0 + b_final[t_next]            # transcoder.posterior_one
+    prior0 = 1 - prior1
+    like1, like0 = x, 1 - x
+    for s in range(t, t_next, -1):
+        like1, like0 = beta[s] * like1 + 0.5 * (1 - beta[s]), beta[s] * like0 + 0.5 * (1 - beta[s])
+    post1, post0 = prior1 * like1, prior0 * like0
+    post = post1 / (post1 + post0)
+    if greedy:
+        bits = post > 0.5
+    else:
+        bits = rng.uniform_at(seed, sample_index, stream, _bit_counters(token_index, K)) < post
+    out.copy_(bits.to(out.dtype).view(out.shape))
+
+
+def confidence_ref(p0: torch.Tensor) -> torch.Tensor:
+    """Mean over bits of 2|p0 - 0.5| (sampler.confidence), summed in bit order: (B, n, K) -> (B, n)."""
+    v = 2 * (p0 - 0.5).abs()
+    s = torch.zeros_like(v[..., 0])
+    for j in range(v.shape[-1]):
+        s = s + v[..., j]
+    return s / v.shape[-1]
+
+
+def unmask_topk_ref(p0, index, k, codes, mask, gumbel_temp: float, seed: int, sample_index, gumbel_stream: int,
+                    bits_stream: int, deterministic: bool) -> None:
+    """engine._iteration's selection, in place. p0 (B, n, K) float32 of the candidates at positions index (B, n);
+    per row b the k[b] candidates of highest confidence + gumbel_temp * Gumbel (noise only when gumbel_temp > 0,
+    keyed by position) among the still-masked ones (others rank last as -inf and are never chosen), ties to the lower
+    candidate; their bits, Bernoulli(p0) keyed by position * K + bit (p0 > 0.5 when deterministic), go into
+    codes (B, N, K) and their mask (B, N) entries become False."""
+    B, n, K = p0.shape
+    index = index.long()
+    conf = confidence_ref(p0)
+    if gumbel_temp > 0:
+        conf = conf + gumbel_temp * rng.to_gumbel(rng.uniform_at(seed, sample_index, gumbel_stream, index))
+    open_ = torch.gather(mask, 1, index)
+    conf = conf.masked_fill(~open_, float("-inf"))
+    order = torch.sort(conf, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=order.device).expand_as(order))
+    chosen = (rank < k.long()[:, None]) & open_
+    if deterministic:
+        bits = p0 > 0.5
+    else:
+        bits = rng.uniform_at(seed, sample_index, bits_stream, _bit_counters(index, K)) < p0
+    rows, cand = chosen.nonzero(as_tuple=True)
+    pos = index[rows, cand]
+    codes[rows, pos] = bits[rows, cand].to(codes.dtype)
+    mask[rows, pos] = False
