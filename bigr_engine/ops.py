@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ext import have_extension
+from ._ext import has_op, have_extension
 from ._ext import register_fake as _register_fake
 from .reference_ops import word_dtype
 
@@ -55,6 +55,44 @@ def unmask_topk(p0, index, k, codes, mask, gumbel_temp: float, seed: int, sample
     """Unmask the k[b] most confident masked candidates per row in place; see reference_ops.unmask_topk_ref."""
     torch.ops.bigr.unmask_topk(p0, index, k, codes, mask, gumbel_temp, seed, sample_index, gumbel_stream, bits_stream,
                                deterministic)
+
+
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bidirectional softmax attention with 2D RoPE on q and k, fused (reference_ops.rope_attention_ref):
+    qkv (B, S, 3, H, d) float32/bfloat16/float16, cos/sin (S, d/2) float32 from transformer.rope_2d_table
+    -> out (B, S, H*d) in qkv's dtype, lse (B, H, S) float32. Differentiable in qkv; lse is not differentiable.
+    As the transformer's attention: `attn_fn=lambda qkv, cos, sin: ops.rope_attention(qkv, cos, sin)[0]`."""
+    return torch.ops.bigr.rope_attention(qkv, cos, sin)
+
+
+@_register_fake("bigr::rope_attention")
+def _(qkv, cos, sin):
+    torch._check(qkv.dim() == 5 and qkv.shape[2] == 3, lambda: "rope_attention: qkv must be (B, S, 3, H, d)")
+    B, S, _, H, d = qkv.shape
+    lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    return qkv.new_empty((B, S, H * d)), qkv.new_empty((B, H, S), dtype=lse_dtype)
+
+
+@_register_fake("bigr::rope_attention_backward")
+def _(grad_out, qkv, cos, sin, out, lse):
+    return qkv.new_empty(qkv.shape)
+
+
+def _rope_attention_setup(ctx, inputs, output):
+    qkv, cos, sin = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, cos, sin, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _rope_attention_backward(ctx, grad_out, grad_lse):
+    qkv, cos, sin, out, lse = ctx.saved_tensors
+    return torch.ops.bigr.rope_attention_backward(grad_out, qkv, cos, sin, out, lse), None, None
+
+
+if has_op("bigr::rope_attention"):
+    torch.library.register_autograd("bigr::rope_attention", _rope_attention_backward,
+                                    setup_context=_rope_attention_setup)
 
 
 if have_extension():

@@ -1,9 +1,12 @@
 """Plain-PyTorch twins of the compiled ops: the oracle in tests, and the path when the extension is absent."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import rng
+from .transformer import apply_rope, attention_reference
 
 
 def word_dtype(K: int) -> torch.dtype:
@@ -127,3 +130,15 @@ def unmask_topk_ref(p0, index, k, codes, mask, gumbel_temp: float, seed: int, sa
     pos = index[rows, cand]
     codes[rows, pos] = bits[rows, cand].to(codes.dtype)
     mask[rows, pos] = False
+
+
+def rope_attention_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rope_attention op in plain PyTorch: transformer.attention_reference and the log-sum-exp of its scaled logits.
+    qkv (B, S, 3, H, d), cos/sin (S, d/2) -> out (B, S, H*d) in qkv's dtype, lse (B, H, S) float32 (float64 for
+    float64 qkv). Materialises the S x S logits: a test oracle, not a fast path."""
+    out = attention_reference(qkv, cos, sin)
+    q, k, _ = qkv.unbind(2)
+    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    q, k = apply_rope(q, cos, sin).to(acc), apply_rope(k, cos, sin).to(acc)
+    logits = torch.einsum("bshd,bthd->bhst", q, k) / math.sqrt(qkv.shape[-1])
+    return out, torch.logsumexp(logits, dim=-1)

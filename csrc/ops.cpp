@@ -19,4 +19,12 @@ TORCH_LIBRARY(bigr, m) {
   // (Bernoulli(p0) or p0 > 0.5) go into codes (B, N, K) and their mask (B, N) entries are cleared.
   m.def("unmask_topk(Tensor p0, Tensor index, Tensor k, Tensor(a!) codes, Tensor(b!) mask, float gumbel_temp, "
         "int seed, Tensor sample_index, int gumbel_stream, int bits_stream, bool deterministic) -> ()");
+  // Bidirectional softmax attention with 2D RoPE: qkv (B, S, 3, H, d) float32/bfloat16/float16 (float64 on CPU),
+  // cos/sin (S, d/2) float32 from rope_2d_table (row 0 zero: the condition-token quirk) -> out (B, S, H*d) in qkv's
+  // dtype and the log-sum-exp of the scaled logits lse (B, H, S) float32 (float64 for float64), for the backward.
+  m.def("rope_attention(Tensor qkv, Tensor cos, Tensor sin) -> (Tensor out, Tensor lse)");
+  // Its backward: grad_out (B, S, H*d) and the forward's out and lse -> grad_qkv (B, S, 3, H, d) (dq, dk turned back
+  // through the rotation, dv).
+  m.def("rope_attention_backward(Tensor grad_out, Tensor qkv, Tensor cos, Tensor sin, Tensor out, Tensor lse) "
+        "-> Tensor");
 }

@@ -1,0 +1,55 @@
+// rope_attention: the shape, dtype and device checks shared by the CPU and CUDA kernels, written once.
+//
+// qkv (B, S, 3, H, d) is the fused projection unflattened; cos/sin (S, d/2) float32 come from rope_2d_table. The
+// condition-token quirk of the release (row 0 of cos and sin is zero, so q0 = k0 = 0) lives in the table itself: the
+// kernels rotate every row the same way and need no flag.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "checks.h"
+
+namespace bigr {
+
+struct AttnDims {
+  int64_t B, S, H, D;
+};
+
+// lse is float32, float64 for float64 inputs (CPU only, there for gradcheck).
+inline at::ScalarType attention_lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline AttnDims check_rope_attention_inputs(const char* op, const at::Tensor& qkv, const at::Tensor& cos,
+                                            const at::Tensor& sin) {
+  BIGR_CHECK(qkv.dim() == 5 && qkv.size(2) == 3, op, ": qkv must be (B, S, 3, H, d), the qkv projection unflattened, "
+             "got shape ", qkv.sizes());
+  const auto t = qkv.scalar_type();
+  BIGR_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || (t == at::kDouble && qkv.is_cpu()), op,
+             ": qkv must be float32, bfloat16 or float16 (float64 on CPU only), got ", t, " on ", qkv.device());
+  const AttnDims d{qkv.size(0), qkv.size(1), qkv.size(3), qkv.size(4)};
+  BIGR_CHECK(d.D > 0 && d.D % 2 == 0, op, ": head dim d=", d.D, " must be even (RoPE turns channel pairs)");
+  for (const at::Tensor* cs : {&cos, &sin}) {
+    BIGR_CHECK(cs->dim() == 2 && cs->size(0) == d.S && cs->size(1) == d.D / 2, op, ": cos and sin must be (S, d/2) = (",
+               d.S, ", ", d.D / 2, "), the rope_2d_table for this sequence, got ", cs->sizes());
+    BIGR_CHECK(cs->scalar_type() == at::kFloat, op, ": cos and sin must be float32, got ", cs->scalar_type());
+    check_same_device(op, qkv, *cs);
+  }
+  return d;
+}
+
+inline void check_rope_attention_backward_inputs(const char* op, const AttnDims& d, const at::Tensor& qkv,
+                                                 const at::Tensor& grad_out, const at::Tensor& out,
+                                                 const at::Tensor& lse) {
+  for (const at::Tensor* t : {&grad_out, &out}) {
+    BIGR_CHECK(t->dim() == 3 && t->size(0) == d.B && t->size(1) == d.S && t->size(2) == d.H * d.D, op,
+               ": grad_out and out must be (B, S, H*d) = (", d.B, ", ", d.S, ", ", d.H * d.D, "), got ", t->sizes());
+    BIGR_CHECK(t->scalar_type() == qkv.scalar_type(), op, ": grad_out and out must have qkv's dtype ",
+               qkv.scalar_type(), ", got ", t->scalar_type());
+    check_same_device(op, qkv, *t);
+  }
+  BIGR_CHECK(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.S, op,
+             ": lse must be (B, H, S) = (", d.B, ", ", d.H, ", ", d.S, "), the forward's, got ", lse.sizes());
+  BIGR_CHECK(lse.scalar_type() == attention_lse_dtype(qkv.scalar_type()), op, ": lse must be ",
+             attention_lse_dtype(qkv.scalar_type()), " (the forward's), got ", lse.scalar_type());
+  check_same_device(op, qkv, lse);
+}
+
+}  // namespace bigr
