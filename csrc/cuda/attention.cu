@@ -852,7 +852,7 @@ at::Tensor rope_attention_backward_cuda(const at::Tensor& grad_out_in, const at:
   if (grad.numel() == 0) return grad;
   // delta = rowsum(dO * O) per (b, h, query), float32.
   const at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat))
-                               .view({d.B, d.S, d.H, d.D})
+                               .reshape({d.B, d.S, d.H, d.D})
                                .sum(-1)
                                .transpose(1, 2)
                                .contiguous();
