@@ -18,6 +18,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$REQS" ]; then
   "$VENV/bin/python" -m pip install -q $REQS >&2
   echo "$REQS" > "$STAMP"
 fi
-echo "[bigr] building the extension (incremental)" >&2
-"$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$ROOT" >&2
+# Rebuild only when the build inputs changed since the last build into this venv.
+SRC_HASH="$( (cd "$ROOT" && find CMakeLists.txt pyproject.toml csrc -type f -print0 | sort -z | xargs -0 sha1sum; echo "${TORCH_CUDA_ARCH_LIST:-} ${BIGR_WITH_CUDA:-}") | sha1sum | cut -c1-40)"
+BUILD_STAMP="$VENV/.bigr-build"
+if [ ! -f "$BUILD_STAMP" ] || [ "$(cat "$BUILD_STAMP")" != "$SRC_HASH" ] || \
+   ! (cd / && "$VENV/bin/python" -c "import torch, bigr_engine._C" 2>/dev/null); then
+  echo "[bigr] building the extension (incremental)" >&2
+  "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e "$ROOT" >&2
+  echo "$SRC_HASH" > "$BUILD_STAMP"
+fi
 export PATH="$VENV/bin:$PATH"
