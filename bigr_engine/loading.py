@@ -106,10 +106,13 @@ def load_bigr(path, preset: str | None = None, device="cpu", dtype=torch.float32
     else:
         if "ema" in sd or "model" in sd:
             sd = sd.get("ema", sd.get("model"))
+        sched_beta = sd.get("diffusion_processor.scheduler.beta")   # T is read off the stored tables
         if not any(k.startswith("transformer.") for k in sd):
             sd = release_to_engine_bigr(sd, path)
         plain = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("transformer.")}
         plain.update({"denoise_mlp." + k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("transcoder.")})
+        if sched_beta is not None:
+            plain["diffusion_processor.scheduler.beta"] = sched_beta
         if not plain:
             raise CheckpointError(f"{path} is not a BiGR checkpoint (no transformer or transcoder weights); "
                                   f"pass a bigr_*.pt file or one written by `bigr convert`")

@@ -236,3 +236,23 @@ def test_bae_wrong_image_size():
     bae = be.load_bae(FIX / "bae_dev_official.th")
     with pytest.raises(be.BigrError, match="32x32"):
         bae.encode(torch.rand(1, 3, 48, 48))
+
+
+def test_variant_without_adaln_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = be.BiGRConfig(dim=64, n_layer=2, n_head=1, bits=6, num_tokens=16, num_classes=3, use_adaln=False,
+                        transcoder_blocks=1, transcoder_dim=16, train_steps=32)
+    m = be.BiGR(cfg).eval()
+    assert not any("adaLN" in k or "ada_gss" in k for k in m.transformer.state_dict())
+    # as a released-format file: the variant is read off the keys
+    sd = {k.split(".", 1)[1] if k.startswith("transformer.") else "denoise_mlp." + k.split(".", 1)[1]: v
+          for k, v in m.state_dict().items()}
+    sd.update({f"diffusion_processor.scheduler.{k}": v for k, v in schedule_tables(32).items()})  # T is read off these
+    torch.save({"ema": sd}, tmp_path / "plain.pt")
+    loaded = be.load_bigr(tmp_path / "plain.pt")
+    assert loaded.cfg.use_adaln is False and loaded.cfg.train_steps == 32
+    codes = (torch.rand(2, 16, 6) > 0.5).to(torch.uint8)
+    mask = torch.rand(2, 16) > 0.5
+    with torch.no_grad():
+        assert torch.equal(m.condition(codes, mask, [0, 1]), loaded.condition(codes, mask, [0, 1]))
+    assert torch.equal(m.generate([0, 2], iters=3, steps=4, seed=1), loaded.generate([0, 2], iters=3, steps=4, seed=1))
