@@ -10,9 +10,6 @@ forward, 2.5x that for forward + backward), appended to bench/results/<device>/a
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -22,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import device_name, time_one  # noqa: E402  (the one timing helper)
+from generate import device_name, time_one, write_results  # noqa: E402  (the one timing/results helper)
 
 from bigr_engine import ops  # noqa: E402
 from bigr_engine.transformer import attention_reference, rope_2d_table  # noqa: E402
@@ -104,22 +101,7 @@ def main(argv=None):
     ref_us = rows[0]["us"]
     print(f"  engine vs reference: {ref_us / rows[-1]['us']:.2f}x")
 
-    out = Path(args.out) / device_name(args.device)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    command = "python bench/attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    for r in rows:
-        r.update(date=stamp, device=device_name(args.device), torch=torch.__version__, command=command)
-    new = not (out / "attention.csv").exists()
-    with open(out / "attention.csv", "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    with open(out / "attention.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
+    write_results(args.out, "attention", rows, args.device, argv)
 
 if __name__ == "__main__":
     main()

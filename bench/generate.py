@@ -53,6 +53,25 @@ def time_one(fn, device: str, repeats: int) -> list[float]:
     return times
 
 
+def write_results(out_root, name: str, rows: list[dict], device: str, argv=None):
+    """Append rows (with date, device, torch version and the command) to <out_root>/<device>/<name>.{csv,jsonl}."""
+    out = Path(out_root) / device_name(device)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    command = f"python bench/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for r in rows:
+        r.update(date=stamp, device=device_name(device), torch=torch.__version__, command=command)
+    new = not (out / f"{name}.csv").exists()
+    with open(out / f"{name}.csv", "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    with open(out / f"{name}.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", help=f"{sorted(PRESETS)} or a released preset (BiGR-L, BiGR-XL, ...)")
@@ -94,22 +113,7 @@ def main(argv=None):
               f"(median of {args.repeats}: {', '.join(f'{t:.2f}' for t in times)} s)")
     if len(rows) >= 2:
         print(f"  speed-up of {rows[-1]['backend']} over {rows[0]['backend']}: {rows[0]['seconds'] / rows[-1]['seconds']:.2f}x")
-    out = Path(args.out) / device_name(args.device)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    command = "python bench/generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    for r in rows:
-        r.update(date=stamp, device=device_name(args.device), torch=torch.__version__, command=command)
-    new = not (out / "generate.csv").exists()
-    with open(out / "generate.csv", "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    with open(out / "generate.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
+    write_results(args.out, "generate", rows, args.device, argv)
 
 if __name__ == "__main__":
     main()
