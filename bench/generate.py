@@ -1,11 +1,12 @@
 """Generation benchmark: the reference sampler and the engine, timed in one process on random weights.
 
     python bench/generate.py --preset small                       # CPU, ~5M params, 64 tokens
-    python bench/generate.py --preset BiGR-L --device cuda --dtype bfloat16 --batch 64
+    python bench/generate.py --preset BiGR-L --device cuda --batch 64
 
-Paper settings by default (iterations 20, transcoder steps 100, CFG 2.5). Each backend is warmed up,
-then timed `--repeats` times (device events on GPU); the median is reported as ms/image and images/s,
-with peak memory, and written to bench/results/<device>/generate.{csv,json}.
+Paper settings by default (iterations 20, transcoder steps 100, CFG 2.5). Each backend (BACKENDS below) is warmed
+up, then timed `--repeats` times (device events on GPU); the median is reported as ms/image and images/s, with
+peak memory and the useful TFLOP/s (the matmul FLOPs the engine must do, over the time) against the measured matmul
+rate, and appended to bench/results/<device>/generate.{csv,jsonl}.
 """
 from __future__ import annotations
 
@@ -72,48 +73,115 @@ def write_results(out_root, name: str, rows: list[dict], device: str, argv=None)
             f.write(json.dumps(r) + "\n")
 
 
+BACKENDS = {
+    # name: (model.generate backend, autocast dtype or None, engine ops, CUDA graph)
+    "reference": ("reference", None, None, None),            # the release's algorithm, float32 (TF32 matmuls on GPU)
+    "reference-bf16": ("reference", torch.bfloat16, None, None),  # the same under bfloat16 autocast
+    "engine-torch": ("engine", torch.float32, False, False),   # the engine's algorithm in plain PyTorch, float32
+    "engine": ("engine", None, None, None),                   # defaults: compiled ops, bf16 + CUDA graphs on GPU
+    "engine-bf16": ("engine", torch.bfloat16, None, False),    # on CPU: the extra factor of bf16 matmuls
+}
+
+
+def generation_flops(cfg, batch: int, iters: int, steps: int, use_cfg: bool, engine: bool) -> float:
+    """Matmul FLOPs of one call (2 per multiply-add; attention's QK^T and PV included, embeddings and norms not).
+    engine=True counts the work the engine must do (masked tokens only in the transcoder), else the release's."""
+    from bigr_engine.engine import rounds_for
+    from bigr_engine.sampler import SamplingOptions
+    D, L, N, S = cfg.dim, cfg.n_layer, cfg.num_tokens, cfg.num_tokens + 1
+    hidden = cfg.ffn_dim
+    per_token_tr = L * (4 * D * D + 3 * D * hidden)          # qkv + wo, SwiGLU feed-forward
+    Hd, Kb, nb = cfg.transcoder_dim, cfg.bits, cfg.transcoder_blocks
+    per_token_tc = nb * (2 * Hd * Hd + 3 * Hd * Hd) + Kb * Hd + Hd * Kb + 2 * Hd * Hd   # blocks, in/out, final adaLN
+    branches = 2 if use_cfg else 1
+    total = 0.0
+    for r in rounds_for(SamplingOptions(iters=iters, steps=steps), N):
+        total += branches * batch * (S * per_token_tr + L * 2 * S * S * D)
+        n = r.n if engine else N
+        total += branches * batch * n * (steps * per_token_tc + D * Hd)
+    return 2.0 * total
+
+
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    """Measured dense matmul FLOP/s at a large square size: the roofline the useful-TFLOP/s figure is set against."""
+    n = 4096 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    t = statistics.median(time_one(lambda: a @ b, device, 5))
+    return 2 * n ** 3 / t
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", help=f"{sorted(PRESETS)} or a released preset (BiGR-L, BiGR-XL, ...)")
     ap.add_argument("--bits", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch", type=int, default=None, help="images per call (default 8 on CPU, 64 on GPU)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--cfg", type=float, default=2.5)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", default="reference,engine")
+    ap.add_argument("--backends", default=None,
+                    help=f"comma-separated, from {sorted(BACKENDS)} (default: reference,engine-torch,engine on CPU; "
+                         "reference,reference-bf16,engine on GPU); the first is the baseline of the speed-ups")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    names = (args.backends or ("reference,reference-bf16,engine" if gpu else "reference,engine-torch,engine")).split(",")
+    for name in names:
+        if name not in BACKENDS:
+            ap.error(f"unknown backend {name!r}: choose from {sorted(BACKENDS)}")
 
     torch.manual_seed(0)
     cfg = be.BiGRConfig(**PRESETS[args.preset]) if args.preset in PRESETS else be.bigr_preset(args.preset, bits=args.bits)
-    dtype = getattr(torch, args.dtype)
-    model = be.BiGR(cfg).to(args.device, dtype).eval()
-    batch = args.batch or (64 if args.device.startswith("cuda") else 8)
+    model = be.BiGR(cfg).to(args.device).eval()
+    batch = args.batch or (64 if gpu else 8)
     labels = torch.arange(batch) % cfg.num_classes
     params = sum(p.numel() for p in model.parameters())
+    use_cfg = args.cfg != 1.0
+    peak_rate = matmul_rate(args.device, torch.bfloat16 if gpu else torch.float32)
     print(f"{args.preset}: {params / 1e6:.1f}M params, N={cfg.num_tokens}, K={cfg.bits}, batch {batch}, "
-          f"iters {args.iters}, steps {args.steps}, cfg {args.cfg}, {args.dtype} on {device_name(args.device)}")
+          f"iters {args.iters}, steps {args.steps}, cfg {args.cfg} on {device_name(args.device)}; "
+          f"measured {'bf16' if gpu else 'fp32'} matmul rate {peak_rate / 1e12:.2f} TFLOP/s")
     rows = []
-    for backend in args.backends.split(","):
-        run = lambda: model.generate(labels, cfg=args.cfg, iters=args.iters, steps=args.steps, seed=0, backend=backend)  # noqa: E731
-        run()  # warm-up
-        if args.device.startswith("cuda"):
+    for name in names:
+        backend, dtype, ops, graph = BACKENDS[name]
+        torch.backends.cuda.matmul.allow_tf32 = name == "reference"   # the release enables TF32
+        kw = dict(cfg=args.cfg, iters=args.iters, steps=args.steps, seed=0, backend=backend)
+        if backend == "engine":
+            kw.update(dtype=dtype, cuda_graph=graph)
+
+        def run():
+            with torch.autocast(args.device.split(":")[0], dtype=dtype or torch.float32,
+                                enabled=backend == "reference" and dtype is not None):
+                if backend == "engine" and ops is not None:
+                    return be.engine.generate(model, labels, be.sampler.SamplingOptions(
+                        cfg=args.cfg, iters=args.iters, steps=args.steps), None, False, ops=ops, dtype=dtype,
+                        cuda_graph=graph)
+                return model.generate(labels, **kw)
+        run()  # warm-up (and graph capture)
+        if gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = time_one(run, args.device, args.repeats)
         med = statistics.median(times)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else float("nan")
-        rows.append(dict(backend=backend, preset=args.preset, dtype=args.dtype, batch=batch, iters=args.iters,
-                         steps=args.steps, cfg=args.cfg, seconds=med, ms_per_image=1e3 * med / batch,
-                         images_per_s=batch / med, peak_mib=peak))
-        print(f"  {backend:10s} {1e3 * med / batch:9.2f} ms/image  {batch / med:8.2f} images/s  "
-              f"(median of {args.repeats}: {', '.join(f'{t:.2f}' for t in times)} s)")
-    if len(rows) >= 2:
-        print(f"  speed-up of {rows[-1]['backend']} over {rows[0]['backend']}: {rows[0]['seconds'] / rows[-1]['seconds']:.2f}x")
+        peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else float("nan")
+        useful = generation_flops(cfg, batch, args.iters, args.steps, use_cfg, engine=True) / med
+        rows.append(dict(backend=name, preset=args.preset, batch=batch, iters=args.iters, steps=args.steps,
+                         cfg=args.cfg, seconds=med, ms_per_image=1e3 * med / batch, images_per_s=batch / med,
+                         peak_mib=peak, useful_tflops=useful / 1e12, matmul_tflops=peak_rate / 1e12,
+                         fraction_of_matmul=useful / peak_rate, threads=torch.get_num_threads()))
+        print(f"  {name:15s} {1e3 * med / batch:9.2f} ms/image  {batch / med:8.2f} images/s  "
+              f"useful {useful / 1e12:6.3f} TFLOP/s ({100 * useful / peak_rate:4.1f}% of matmul)  "
+              f"peak {peak:8.1f} MiB  (median of {args.repeats}: {', '.join(f'{t:.3f}' for t in times)} s)")
+    for r in rows:   # every row gets the column (the CSV header comes from the first row)
+        r["baseline"] = rows[0]["backend"]
+        r["speedup"] = rows[0]["seconds"] / r["seconds"]
+        if r is not rows[0]:
+            print(f"  speed-up of {r['backend']} over {rows[0]['backend']}: {r['speedup']:.2f}x")
     write_results(args.out, "generate", rows, args.device, argv)
+
 
 if __name__ == "__main__":
     main()

@@ -290,9 +290,10 @@ def cmd_train(args) -> int:
                         bits=data.bits, num_tokens=data.num_tokens, num_classes=classes,
                         transcoder_blocks=args.transcoder_blocks, transcoder_dim=args.transcoder_dim or args.dim)
     recipe = TrainRecipe(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                         warmup=args.warmup, ema=args.ema, seed=args.seed)
+                         warmup=args.warmup, ema=args.ema, seed=args.seed, ops=args.ops, sample_every=args.sample_every)
     device = _device(args.device)
-    _, ema = train(data, data.labels, cfg, recipe, Path(args.out), device=device, progress=not args.quiet)
+    bae = be.load_bae(args.bae, device=device) if args.bae else None  # only to decode the sample grids
+    _, ema = train(data, data.labels, cfg, recipe, Path(args.out), device=device, progress=not args.quiet, bae=bae)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         dst = be.save_model(ema, Path(args.out) / "bigr.safetensors")
         print(f"wrote {dst} (EMA weights)")
@@ -404,11 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ops", choices=["engine", "reference"], default="engine",
+                   help="engine: the extension's fused attention (and transcoder ops) where built, else the plain-PyTorch "
+                        "path with a warning; reference: plain PyTorch. A run may resume with the other (default engine)")
+    p.add_argument("--bae", metavar="TOKENIZER", help="the B-AE the codes were encoded with: decodes the sample grids "
+                   "RUN/samples/step_XXXXXXX.png (without it no grids are written)")
+    p.add_argument("--sample-every", type=int, default=1000, metavar="STEPS",
+                   help="a grid of EMA samples every STEPS steps and at the end (default 1000; 0 = none)")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
     cli_apps.register(sub)
+    from . import sample_many
+    sample_many.register(sub)
     return ap
 
 

@@ -5,17 +5,62 @@ Same samples as `sampler.generate` (every draw is keyed by seed, sample index, t
 - only still-masked tokens go through the transcoder (the release runs all N every iteration);
 - the transcoder's condition projection c_embedder(z) is computed once per iteration, not per step,
   and the time-step embeddings once per call;
-- the conditional and unconditional branches run as one batch;
+- the conditional and unconditional branches run as one batch; cfg = 1 runs only the conditional one;
 - the unmask counts are known ahead (every row has the same), so shapes are static and nothing waits
-  on the device inside the loop.
+  on the device inside the loop: a whole call can be captured as one CUDA graph (per batch-size bucket);
+- with the extension built, the compiled ops do the step arithmetic (posterior_step), the unmasking
+  (unmask_topk) and the attention (rope_attention); they compute the same numbers as the plain-PyTorch
+  path here and in `sampler` (same sigmoid, same summation order), except attention, which rounds differently;
+- on CUDA the matmuls run in bfloat16 under autocast by default (probabilities stay float32).
 """
 from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass
 
 import torch
 
 from . import rng
-from .sampler import SamplingOptions, cfg_at, gumbel_at, masked_after, prepare_batch
-from .transcoder import flip_to_p0, inference_steps, posterior_one
+from ._ext import has_op, have_cuda_kernels
+from .sampler import SamplingOptions, cfg_at, confidence, gumbel_at, masked_after, p0_from_logits, prepare_batch
+from .transcoder import have_block_ops, inference_steps, posterior_one
+from .transformer import attention_reference
+
+_OPS = ("bigr::posterior_step", "bigr::unmask_topk", "bigr::rope_attention")
+
+
+def ops_unavailable(device: torch.device) -> str | None:
+    """Why the compiled ops cannot run on `device` (None when they can)."""
+    missing = [op for op in _OPS if not has_op(op)]
+    if missing:
+        return f"the extension is not built or lacks {', '.join(missing)}"
+    if device.type == "cuda" and not have_cuda_kernels():
+        return "the extension was built without CUDA kernels"
+    if device.type not in ("cpu", "cuda"):
+        return f"there are no kernels for {device.type}"
+    return None
+
+
+@dataclass(frozen=True)
+class Round:
+    iteration: int     # keys the round's random streams
+    n: int             # masked tokens before the round (all of them go through the transcoder)
+    count: int         # tokens unmasked by the round
+    cfg: float
+    gumbel: float
+
+
+def rounds_for(opts: SamplingOptions, N: int) -> list[Round]:
+    """The unmasking plan of a full generation: fixed by the options, the same for every row."""
+    out, n = [], N
+    for s in range(opts.iters):
+        ratio = (s + 1) / opts.iters
+        keep = masked_after(s, opts.iters, N)
+        out.append(Round(s, n, n - keep, cfg_at(opts, ratio), gumbel_at(opts, ratio)))
+        n = keep
+    if n:  # one more pass fills whatever is left (the cosine schedule normally ends at 0)
+        out.append(Round(opts.iters, n, n, opts.cfg, 0.0))
+    return [r for r in out if r.n > 0]
 
 
 def _draw_at(p, opts: SamplingOptions, sample_index, stream_id, counters):
@@ -24,10 +69,16 @@ def _draw_at(p, opts: SamplingOptions, sample_index, stream_id, counters):
     return (rng.uniform_at(opts.seed, sample_index, stream_id, counters) < p.float()).to(p.dtype)
 
 
+def _rope_attention(qkv, cos, sin):
+    return torch.ops.bigr.rope_attention(qkv, cos, sin)[0]
+
+
+# ---------------------------------------------------------------------------------------------- transcoder loop
+
 def transcode_masked(transcoder, cz: torch.Tensor, temb: torch.Tensor, steps: list, cfg: float, use_cfg: bool,
                      opts: SamplingOptions, tables: dict, sample_index, iteration: int, counters) -> torch.Tensor:
-    """p0 (B,n,K) for the n masked tokens per row. cz: c_embedder(z) for [cond; uncond] rows, (2*B*n or B*n, Hd);
-    temb (S, Hd) per step; counters (B,n,K) are the rng counters (token * K + bit) of those tokens' bits."""
+    """Plain PyTorch: p0 (B,n,K) float32 for the n masked tokens per row. cz: c_embedder(z) for [cond; uncond] rows,
+    (2*B*n or B*n, Hd); temb (S, Hd) per step; counters (B,n,K) are the rng counters (token * K + bit) of those bits."""
     B, n, K = counters.shape
     x = _draw_at(torch.full((B, n, K), 0.5, device=cz.device), opts, sample_index,
                  rng.stream(rng.TRANSCODER_INIT, iteration), counters)
@@ -39,70 +90,204 @@ def transcode_masked(transcoder, cz: torch.Tensor, temb: torch.Tensor, steps: li
         if use_cfg:
             l_c, l_u = logits.chunk(2)
             logits = l_u + cfg * (l_c - l_u)
-        p0 = flip_to_p0(logits, xf).view(B, n, K)
+        p0 = p0_from_logits(logits, xf).view(B, n, K)
         if j == len(steps) - 1:
             return p0
         post = posterior_one(p0, x, t, steps[j + 1], tables)
         x = _draw_at(post, opts, sample_index, rng.stream(rng.TRANSCODER_STEP, iteration, j), counters)
 
 
-@torch.no_grad()
-def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: torch.Tensor | None = None,
-             progress: bool = False) -> torch.Tensor:
-    """Drop-in for `sampler.generate` (full generation from all-masked): -> codes (B,N,K) uint8."""
+def transcode_masked_ops(transcoder, cz, temb, steps, cfg, use_cfg, opts, tables, sample_index, iteration,
+                         token_index: torch.Tensor, K: int) -> torch.Tensor:
+    """transcode_masked with the fused posterior_step: x ping-pongs between two uint8 buffers, p0 lands in a third.
+    token_index (B, n) are the tokens' positions (they key the draws)."""
+    B, n = token_index.shape
+    counters = token_index[..., None] * K + torch.arange(K, device=cz.device)
+    x = _draw_at(torch.full((B, n, K), 0.5, device=cz.device), opts, sample_index,
+                 rng.stream(rng.TRANSCODER_INIT, iteration), counters).to(torch.uint8)
+    x_next = torch.empty_like(x)
+    p0 = torch.empty(B, n, K, device=cz.device, dtype=torch.float32)
+    branches = 2 if use_cfg else 1
+    for j, t in enumerate(steps):
+        logits = transcoder.forward_with_condition(x.view(B * n, K).repeat(branches, 1), cz + temb[j])
+        l_c, l_u = logits.chunk(2) if use_cfg else (logits, None)
+        last = j == len(steps) - 1
+        torch.ops.bigr.posterior_step(l_c, l_u, x, p0 if last else x_next, cfg, opts.temperature, t,
+                                      0 if last else steps[j + 1], tables["k_final"], tables["b_final"],
+                                      tables["beta"], opts.seed, sample_index,
+                                      rng.stream(rng.TRANSCODER_STEP, iteration, j), token_index, opts.greedy)
+        x, x_next = x_next, x
+    return p0
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+@dataclass
+class _Plan:
+    """What a call needs that depends only on the model, device and options: made before the loop (and before a
+    CUDA graph capture, which must not copy from the host)."""
+    rounds: list
+    steps: list
+    temb: torch.Tensor
+    tables: dict
+    use_ops: bool
+    dtype: torch.dtype
+
+
+def _make_plan(model, opts: SamplingOptions, use_ops: bool, dtype: torch.dtype) -> _Plan:
+    dev = model.device
+    steps = inference_steps(model.cfg.train_steps, opts.steps)
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        temb = model.transcoder.t_embedder(torch.tensor(steps, device=dev) - 1)          # (S, Hd)
+    return _Plan(rounds_for(opts, model.cfg.num_tokens), steps, temb, model.schedule(dev), use_ops, dtype)
+
+
+def _run(model, plan: _Plan, labels, null, sample_index, opts: SamplingOptions, progress: bool) -> torch.Tensor:
     cfg_model = model.cfg
     B, N, K = labels.shape[0], cfg_model.num_tokens, cfg_model.bits
     dev = model.device
-    labels, sample_index, null = prepare_batch(model, labels, sample_index)
     use_cfg = opts.cfg != 1.0
     cond_labels = torch.cat([labels, null]) if use_cfg else labels
-    tables = model.schedule(dev)
-    steps = inference_steps(cfg_model.train_steps, opts.steps)
-    tr = model.transcoder
-    temb = tr.t_embedder(torch.tensor(steps, device=dev) - 1)          # (S, Hd)
+    attn = _rope_attention if plan.use_ops else attention_reference
     bit = torch.arange(K, device=dev)
-
-    codes = torch.zeros(B, N, K, device=dev, dtype=tr.x_embedder.weight.dtype)
+    codes = torch.zeros(B, N, K, device=dev, dtype=torch.uint8)
     mask = torch.ones(B, N, dtype=torch.bool, device=dev)
-    rounds = range(opts.iters)
+    rounds = plan.rounds
     if progress:
         from tqdm.auto import tqdm
         rounds = tqdm(rounds, desc="generate", unit="iter", leave=False)
-    n = N
-    for s in rounds:
-        ratio = (s + 1) / opts.iters
-        keep = masked_after(s, opts.iters, N)
-        codes, mask = _iteration(model, codes, mask, cond_labels, use_cfg, cfg_at(opts, ratio), gumbel_at(opts, ratio),
-                                 n, n - keep, opts, tables, steps, temb, bit, sample_index, s)
-        n = keep
-    if n:  # one more pass fills whatever is left (the cosine schedule normally ends at 0)
-        codes, mask = _iteration(model, codes, mask, cond_labels, use_cfg, opts.cfg, 0.0, n, n, opts, tables, steps,
-                                 temb, bit, sample_index, opts.iters)
-    return codes.to(torch.uint8)
+    fused_blocks = model.transcoder.use_ops
+    model.transcoder.use_ops = plan.use_ops and have_block_ops()   # fused LayerNorm + modulate, gated residual
+    try:
+        with torch.autocast(dev.type, dtype=plan.dtype, enabled=plan.dtype != torch.float32):
+            return _rounds(model, plan, rounds, codes, mask, cond_labels, sample_index, opts, use_cfg, attn, bit)
+    finally:
+        model.transcoder.use_ops = fused_blocks
 
 
-def _iteration(model, codes, mask, cond_labels, use_cfg, cfg, gumbel_temp, n, count, opts, tables, steps, temb, bit,
-               sample_index, s):
+def _rounds(model, plan, rounds, codes, mask, cond_labels, sample_index, opts, use_cfg, attn, bit):
     B, N, K = codes.shape
+    dev = codes.device
     branches = 2 if use_cfg else 1
-    z = model.transformer.conditions(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)
-    # masked positions in ascending order (a stable sort of the mask needs no device-to-host copy)
-    idx = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :n]     # (B, n)
-    z_m = torch.gather(z, 1, idx.repeat(branches, 1)[..., None].expand(-1, -1, z.shape[-1]))        # (branches*B, n, D)
-    cz = model.transcoder.c_embedder(z_m.reshape(branches * B * n, -1))
-    counters = idx[..., None] * K + bit                                                            # (B, n, K)
-    p0 = transcode_masked(model.transcoder, cz, temb, steps, cfg, use_cfg, opts, tables, sample_index, s, counters)
-    conf = (2 * (p0 - 0.5).abs()).mean(-1)                                                         # (B, n)
-    if gumbel_temp > 0:
-        conf = conf + gumbel_temp * rng.to_gumbel(rng.uniform_at(opts.seed, sample_index, rng.stream(rng.GUMBEL, s), idx))
-    # the `count` most confident of the masked tokens; ties go to the lowest position (idx is ascending)
-    top = torch.sort(conf, dim=1, descending=True, stable=True).indices[:, :count]                 # (B, count)
+    for r in rounds:
+        z = model.transformer.conditions(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels,
+                                         attn_fn=attn)
+        # masked positions in ascending order (a stable sort of the mask needs no device-to-host copy)
+        idx = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :r.n]   # (B, n)
+        z_m = torch.gather(z, 1, idx.repeat(branches, 1)[..., None].expand(-1, -1, z.shape[-1]))
+        cz = model.transcoder.c_embedder(z_m.reshape(branches * B * r.n, -1))
+        if plan.use_ops:
+            p0 = transcode_masked_ops(model.transcoder, cz, plan.temb, plan.steps, r.cfg, use_cfg, opts,
+                                      plan.tables, sample_index, r.iteration, idx, K)
+            k = torch.full((B,), r.count, device=dev, dtype=torch.int64)
+            torch.ops.bigr.unmask_topk(p0, idx, k, codes, mask, r.gumbel, opts.seed, sample_index,
+                                       rng.stream(rng.GUMBEL, r.iteration), rng.stream(rng.TOKEN_BITS, r.iteration),
+                                       opts.deterministic or opts.greedy)
+        else:
+            counters = idx[..., None] * K + bit
+            p0 = transcode_masked(model.transcoder, cz, plan.temb, plan.steps, r.cfg, use_cfg, opts, plan.tables,
+                                  sample_index, r.iteration, counters)
+            codes, mask = _unmask(p0, idx, r, codes, mask, opts, sample_index, bit)
+    return codes
+
+
+def _unmask(p0, idx, r: Round, codes, mask, opts, sample_index, bit):
+    """unmask_topk in plain PyTorch: the r.count most confident (+ Gumbel) of the candidates idx, ties to the lowest
+    position (idx is ascending); their bits go into the codes."""
+    K = p0.shape[-1]
+    conf = confidence(p0)                                                                          # (B, n)
+    if r.gumbel > 0:
+        g = rng.to_gumbel(rng.uniform_at(opts.seed, sample_index, rng.stream(rng.GUMBEL, r.iteration), idx))
+        conf = conf + r.gumbel * g
+    top = torch.sort(conf, dim=1, descending=True, stable=True).indices[:, :r.count]               # (B, count)
     pos = torch.gather(idx, 1, top)
     p_sel = torch.gather(p0, 1, top[..., None].expand(-1, -1, K))
     if opts.deterministic:
         bits = (p_sel > 0.5).to(codes.dtype)
     else:
-        bits = _draw_at(p_sel, opts, sample_index, rng.stream(rng.TOKEN_BITS, s), pos[..., None] * K + bit).to(codes.dtype)
-    codes = codes.scatter(1, pos[..., None].expand(-1, -1, K), bits)
+        bits = _draw_at(p_sel, opts, sample_index, rng.stream(rng.TOKEN_BITS, r.iteration), pos[..., None] * K + bit)
+    codes = codes.scatter(1, pos[..., None].expand(-1, -1, K), bits.to(codes.dtype))
     mask = mask.scatter(1, pos, False)
     return codes, mask
+
+
+class _GraphedCall:
+    """One whole generation captured as a CUDA graph for a fixed batch bucket, options and dtype; inputs are copied
+    into static buffers and the codes copied out. Valid because the loop never syncs with the host and draws its
+    randomness from counter hashes rather than a generator state."""
+
+    def __init__(self, fn, labels: torch.Tensor, sample_index: torch.Tensor):
+        self.labels, self.sample_index = labels.clone(), sample_index.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):          # warm-up off the capture: cuBLAS handles, cached tables, allocator
+            for _ in range(2):
+                fn(self.labels, self.sample_index)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn(self.labels, self.sample_index)
+
+    def __call__(self, labels, sample_index):
+        self.labels.copy_(labels)
+        self.sample_index.copy_(sample_index)
+        self.graph.replay()
+        return self.out.clone()
+
+
+def batch_bucket(B: int) -> int:
+    """Graphs are captured for batch sizes 1, 2, 4, ..., so a service with varying batches keeps a handful."""
+    return 1 << max(0, math.ceil(math.log2(B)))
+
+
+def _graphed(model, plan: _Plan, labels, null, sample_index, opts):
+    B = labels.shape[0]
+    Bp = batch_bucket(B)
+    pad = Bp - B
+    if pad:   # padding rows repeat row 0; they are computed and dropped (rows never interact)
+        labels = torch.cat([labels, labels[:1].expand(pad, *labels.shape[1:])])
+        null = torch.cat([null, null[:1].expand(pad, *null.shape[1:])])
+        sample_index = torch.cat([sample_index, sample_index[:1].expand(pad)])
+    cache = model.__dict__.setdefault("_engine_graphs", {})
+    key = (Bp, labels.dtype, tuple(labels.shape[1:]), astuple(opts), plan.dtype, plan.use_ops, model.device)
+    if key not in cache:
+        null_static = null.clone()
+        cache[key] = _GraphedCall(lambda lab, si: _run(model, plan, lab, null_static, si, opts, False),
+                                  labels, sample_index)
+    return cache[key](labels, sample_index)[:B]
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dt not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dt
+
+
+@torch.no_grad()
+def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: torch.Tensor | None = None,
+             progress: bool = False, ops: bool | None = None, dtype=None, cuda_graph: bool | None = None) -> torch.Tensor:
+    """Drop-in for `sampler.generate` (full generation from all-masked, entropy order): -> codes (B,N,K) uint8.
+
+    ops: use the compiled ops (default: when built for the model's device). dtype: the matmul precision under
+    autocast (default bfloat16 on CUDA, float32 elsewhere). cuda_graph: capture the call as a CUDA graph per batch
+    bucket (default on CUDA unless a progress bar is asked for)."""
+    if opts.order != "entropy":
+        raise ValueError(f"the engine samples in entropy order only; use backend='reference' for order={opts.order!r}")
+    dev = model.device
+    reason = ops_unavailable(dev)
+    if ops is None:
+        ops = reason is None
+    elif ops and reason is not None:
+        raise RuntimeError(f"ops=True but {reason}")
+    plan = _make_plan(model, opts, ops, resolve_dtype(dtype, dev))
+    labels, sample_index, null = prepare_batch(model, labels, sample_index)
+    if cuda_graph is None:
+        cuda_graph = dev.type == "cuda" and not progress
+    if cuda_graph:
+        if dev.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        return _graphed(model, plan, labels, null, sample_index, opts)
+    return _run(model, plan, labels, null, sample_index, opts, progress)

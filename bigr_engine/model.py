@@ -81,11 +81,16 @@ class BiGR(nn.Module):
     def generate(self, labels, cfg: float = 2.5, iters: int = 20, steps: int = 100, gumbel: float = 0.0,
                  cfg_schedule: str = "constant", gumbel_schedule: str = "constant", temperature: float = 1.0,
                  deterministic: bool = False, greedy: bool = False, seed: int = 0,
-                 sample_index=None, progress: bool = False, backend: str = "engine") -> torch.Tensor:
+                 sample_index=None, progress: bool = False, backend: str = "engine",
+                 order: str = "entropy", dtype=None, cuda_graph: bool | None = None) -> torch.Tensor:
         """Class-conditional generation -> codes (B,N,K) uint8. Sample i is keyed by (seed, sample_index[i])
         (default: its position in the batch), so it does not depend on the rest of the batch.
         backend="engine" (default) is the fast path; "reference" runs the release's algorithm as written.
-        Both give the same codes for the same seed."""
+        Both give the same codes for the same seed. order ("entropy" | "random" | "raster") picks which tokens
+        are unmasked first; the engine implements only "entropy", so other orders run the reference sampler.
+        Engine only: dtype ("float32" | "bfloat16" | "float16"; default bfloat16 on CUDA, float32 on CPU) is the
+        matmul precision under autocast, probabilities stay float32; cuda_graph (default on CUDA) replays the whole
+        call as a CUDA graph captured once per batch-size bucket (powers of two)."""
         if backend not in ("engine", "reference"):
             raise BigrError(f"backend must be 'engine' or 'reference', got {backend!r}")
         labels = self.check_labels(labels)
@@ -99,6 +104,8 @@ class BiGR(nn.Module):
             raise BigrError(f"steps must be in 1..{self.cfg.train_steps} (the training steps), got {steps}")
         if temperature <= 0:
             raise BigrError(f"temperature must be positive, got {temperature}")
+        if order not in sampler.ORDERS:
+            raise BigrError(f"order must be one of {sampler.ORDERS}, got {order!r}")
         if gumbel < 0 or cfg < 0:
             raise BigrError("cfg and gumbel must be non-negative")
         if sample_index is not None:
@@ -107,6 +114,13 @@ class BiGR(nn.Module):
                 raise BigrError("sample_index needs one entry per label")
         opts = sampler.SamplingOptions(cfg=cfg, iters=iters, steps=steps, gumbel=gumbel, cfg_schedule=cfg_schedule,
                                        gumbel_schedule=gumbel_schedule, temperature=temperature,
-                                       deterministic=deterministic, greedy=greedy, seed=seed)
-        run = engine.generate if backend == "engine" else sampler.generate
-        return run(self, labels, opts, sample_index, progress)
+                                       deterministic=deterministic, greedy=greedy, seed=seed, order=order)
+        if backend == "engine" and order == "entropy":
+            try:
+                dtype = engine.resolve_dtype(dtype, self.device)
+            except (ValueError, AttributeError):
+                raise BigrError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}") from None
+            if cuda_graph and self.device.type != "cuda":
+                raise BigrError("cuda_graph=True needs the model on a CUDA device")
+            return engine.generate(self, labels, opts, sample_index, progress, dtype=dtype, cuda_graph=cuda_graph)
+        return sampler.generate(self, labels, opts, sample_index, progress)

@@ -95,6 +95,75 @@ if has_op("bigr::rope_attention"):
                                     setup_context=_rope_attention_setup)
 
 
+# ---------------------------------------------------------------------------------------------
+# The transcoder block's ops (csrc/transcoder.h); plain-PyTorch twins in reference_ops.
+
+def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+    """LayerNorm without affine + adaLN modulation, fused (reference_ops.ln_modulate_ref): x (..., D), shift and scale
+    both x's shape or both (D,) -> y = (x - mean) * rstd * (1 + scale) + shift in x's dtype, and mean, rstd (...)
+    float32 (float64 for float64 x). Differentiable in x, shift and scale; mean and rstd are not."""
+    return torch.ops.bigr.ln_modulate(x, shift, scale, eps)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x + gate * h, all the same shape, rounded once (float32 math for 16-bit inputs). Differentiable."""
+    return torch.ops.bigr.gated_residual(x, gate, h)
+
+
+def _stats_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@_register_fake("bigr::ln_modulate")
+def _(x, shift, scale, eps):
+    torch._check(x.dim() >= 1, lambda: "ln_modulate: x must be (..., D)")
+    torch._check(shift.shape == scale.shape, lambda: "ln_modulate: shift and scale must have the same shape")
+    mean = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
+
+
+@_register_fake("bigr::ln_modulate_backward")
+def _(grad_y, x, scale, mean, rstd):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), scale.new_empty(scale.shape),
+            scale.new_empty(scale.shape))
+
+
+@_register_fake("bigr::gated_residual")
+def _(x, gate, h):
+    torch._check(gate.shape == x.shape and h.shape == x.shape, lambda: "gated_residual: x, gate, h must match")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _ln_modulate_setup(ctx, inputs, output):
+    x, shift, scale, eps = inputs
+    y, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _ln_modulate_backward(ctx, grad_y, grad_mean, grad_rstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    grad_x, grad_shift, grad_scale = torch.ops.bigr.ln_modulate_backward(grad_y, x, scale, mean, rstd)
+    return grad_x, grad_shift, grad_scale, None
+
+
+def _gated_residual_setup(ctx, inputs, output):
+    x, gate, h = inputs
+    ctx.save_for_backward(gate, h)
+
+
+def _gated_residual_backward(ctx, grad):
+    gate, h = ctx.saved_tensors  # a composite of torch ops: elementwise, nothing to fuse that autograd would keep
+    return grad, grad * h if ctx.needs_input_grad[1] else None, grad * gate if ctx.needs_input_grad[2] else None
+
+
+if has_op("bigr::ln_modulate"):
+    torch.library.register_autograd("bigr::ln_modulate", _ln_modulate_backward, setup_context=_ln_modulate_setup)
+if has_op("bigr::gated_residual"):
+    torch.library.register_autograd("bigr::gated_residual", _gated_residual_backward,
+                                    setup_context=_gated_residual_setup)
+
+
 if have_extension():
     @torch.library.register_fake("bigr::pack_bits")
     def _(bits):

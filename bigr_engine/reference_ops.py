@@ -142,3 +142,42 @@ def rope_attention_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     q, k = apply_rope(q, cos, sin).to(acc), apply_rope(k, cos, sin).to(acc)
     logits = torch.einsum("bshd,bthd->bhst", q, k) / math.sqrt(qkv.shape[-1])
     return out, torch.logsumexp(logits, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The transcoder block's ops (csrc/transcoder.h). Math in float32 (float64 for float64 inputs), rounded once to the
+# input dtype at the end, as the kernels do; the release's own composite (F.layer_norm, then modulate, in the input
+# dtype) rounds after every step and is what the tests measure the error budget against.
+
+def _math_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def ln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
+    """LayerNorm (no affine) + modulate: x (..., D), shift/scale x's shape or (D,) -> y in x's dtype, mean and rstd
+    (...) float32 (float64 for float64 x)."""
+    acc = _math_dtype(x)
+    xf = x.to(acc)
+    mean = xf.mean(-1)
+    xc = xf - mean[..., None]
+    rstd = torch.rsqrt((xc * xc).mean(-1) + eps)
+    y = xc * rstd[..., None] * (1 + scale.to(acc)) + shift.to(acc)
+    return y.to(x.dtype), mean, rstd
+
+
+def ln_modulate_backward_ref(grad_y, x, scale, mean, rstd):
+    """-> grad_x (x's shape), grad_shift, grad_scale (scale's shape; summed over the rows for a (D,) scale)."""
+    acc = _math_dtype(x)
+    gy = grad_y.to(acc)
+    xhat = (x.to(acc) - mean[..., None]) * rstd[..., None]
+    g = gy * (1 + scale.to(acc))
+    grad_x = rstd[..., None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    grad_shift, grad_scale = gy, gy * xhat
+    if scale.shape != x.shape:  # (D,) broadcast over the rows
+        grad_shift, grad_scale = grad_shift.reshape(-1, x.shape[-1]).sum(0), grad_scale.reshape(-1, x.shape[-1]).sum(0)
+    return grad_x.to(x.dtype), grad_shift.to(x.dtype), grad_scale.to(x.dtype)
+
+
+def gated_residual_ref(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    acc = _math_dtype(x)
+    return (x.to(acc) + gate.to(acc) * h.to(acc)).to(x.dtype)

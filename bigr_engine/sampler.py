@@ -12,10 +12,15 @@ from dataclasses import dataclass
 import torch
 
 from . import rng
-from .transcoder import flip_to_p0, inference_steps, posterior_one
+from .reference_ops import confidence_ref, sigmoid_ref
+from .transcoder import inference_steps, posterior_one
 
 CFG_SCHEDULES = ("constant", "linear")
 GUMBEL_SCHEDULES = ("constant", "down", "up")
+ORDERS = ("entropy", "random", "raster")   # which masked tokens are unmasked first (paper's ablation, table 4)
+
+# rng kind of the random-order keys; rng.py's sampler kinds are 0..4 and train.py's 16..20.
+RANDOM_ORDER = 5
 
 
 @dataclass
@@ -30,6 +35,7 @@ class SamplingOptions:
     deterministic: bool = False   # token bits are p0 > 0.5 (the transcoder still samples)
     greedy: bool = False          # every Bernoulli draw is its mode, no Gumbel noise
     seed: int = 0
+    order: str = "entropy"        # "entropy": most confident first; "random": keyed uniform; "raster": lowest position first
 
 
 SCHEDULES = ("cosine", "linear")
@@ -75,16 +81,41 @@ def transcode(transcoder, z_c, z_u, cfg: float, opts: SamplingOptions, tables: d
         if z_u is not None:
             l_u = transcoder(xf, step, z_u.reshape(B * N, -1)).float() / opts.temperature
             logits = l_u + cfg * (logits - l_u)
-        p0 = flip_to_p0(logits, xf).view(B, N, K)
+        p0 = p0_from_logits(logits, xf).view(B, N, K)
         if j == len(steps) - 1:
             return p0
         post = posterior_one(p0, x, t, steps[j + 1], tables)
         x = draw(post, opts, sample_index, rng.stream(rng.TRANSCODER_STEP, iteration, j))
 
 
+def p0_from_logits(logits: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """P(x_0 = 1) from flip logits (transcoder.flip_to_p0), float32. The sigmoid is reference_ops.sigmoid_ref
+    (within 1 ulp of the true one) rather than torch.sigmoid, whose last bit depends on the CPU's vector width: the
+    compiled posterior_step uses the same formula, so every backend gets the same p0 bit for bit."""
+    p_flip = sigmoid_ref(logits)
+    return torch.where(x_t != 0, 1 - p_flip, p_flip)   # = x (1 - p) + (1 - x) p exactly for x in {0, 1}
+
+
 def confidence(p0: torch.Tensor) -> torch.Tensor:
-    """The release's stand-in for 1 - binary entropy: mean over bits of 2|p0 - 0.5|."""
-    return (2 * (p0 - 0.5).abs()).mean(-1)
+    """The release's stand-in for 1 - binary entropy: mean over bits of 2|p0 - 0.5|, summed in bit order (so the
+    compiled unmask_topk ranks tokens identically)."""
+    return confidence_ref(p0)
+
+
+def order_scores(p0: torch.Tensor, opts: SamplingOptions, gumbel_temp: float, sample_index, s: int) -> torch.Tensor:
+    """Per-token priority (B,N): the `count` highest of the still-masked tokens are unmasked at iteration s.
+    entropy: confidence plus (scheduled) Gumbel noise; random: a uniform keyed by (seed, sample, s, token), so the
+    order does not depend on the model's output; raster: minus the position, so the lowest positions go first."""
+    if opts.order == "random":
+        return rng.uniform(opts.seed, sample_index, rng.stream(RANDOM_ORDER, s), (p0.shape[1],))
+    if opts.order == "raster":
+        return -torch.arange(p0.shape[1], device=p0.device, dtype=torch.float32).expand(p0.shape[0], -1)
+    if opts.order != "entropy":
+        raise ValueError(f"order must be one of {ORDERS}, got {opts.order!r}")
+    conf = confidence(p0)
+    if gumbel_temp > 0:
+        conf = conf + gumbel_temp * rng.gumbel(opts.seed, sample_index, rng.stream(rng.GUMBEL, s), (conf.shape[1],))
+    return conf
 
 
 def select_tokens(conf: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -112,7 +143,7 @@ def prepare_batch(model, labels: torch.Tensor, sample_index: torch.Tensor | None
 def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: torch.Tensor | None = None,
              progress: bool = False, codes: torch.Tensor | None = None, mask: torch.Tensor | None = None,
              schedule: str = "cosine") -> torch.Tensor:
-    """Entropy-ordered generation; labels (B,) ids or (B, C+1) class weights -> codes (B,N,K) uint8.
+    """Generation (entropy-ordered unless opts.order says otherwise); labels (B,) ids or (B, C+1) class weights -> codes (B,N,K) uint8.
 
     By default every token starts masked. Given `codes` and `mask` (True = to generate), the known tokens stay
     as they are and only the masked ones are filled (in/outpainting), on the given schedule over their count."""
@@ -150,10 +181,7 @@ def _iteration(model, codes, mask, labels, null, use_cfg, cfg, gumbel_temp, coun
     else:
         z_c, z_u = model.transformer.conditions(codes, mask, labels), None
     p0 = transcode(model.transcoder, z_c, z_u, cfg, opts, tables, model.cfg.train_steps, sample_index, s)
-    conf = confidence(p0)
-    if gumbel_temp > 0:
-        conf = conf + gumbel_temp * rng.gumbel(opts.seed, sample_index, rng.stream(rng.GUMBEL, s), (conf.shape[1],))
-    chosen = select_tokens(conf, mask, count)
+    chosen = select_tokens(order_scores(p0, opts, gumbel_temp, sample_index, s), mask, count)
     bits = (p0 > 0.5).float() if opts.deterministic else draw(p0, opts, sample_index, rng.stream(rng.TOKEN_BITS, s))
     codes = torch.where(chosen[..., None], bits, codes)
     return codes, mask & ~chosen

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,11 +21,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import rng
+from . import _ext, rng
 from .config import BiGRConfig
+from .errors import BigrError
 from .model import BiGR
 from .transcoder import flip_loss
 from .trainstate import Ema, JsonlLog, load_state, lr_at, save_state
+from .transformer import attention_reference
 
 # rng kinds for training draws (disjoint from the sampler's)
 MASK_RATIO, MASK_ORDER, CLASS_DROP, DIFF_STEP, DIFF_NOISE = 16, 17, 18, 19, 20
@@ -46,11 +49,20 @@ class TrainRecipe:
     log_every: int = 50
     save_every: int = 1000
     seed: int = 0
+    # Run settings, not model settings: a run may resume with other values.
+    ops: str = "engine"           # "engine": the fused attention (and transcoder ops) of the extension; "reference": plain PyTorch
+    sample_every: int = 1000      # a grid of EMA samples every this many steps and at the end (needs a B-AE); 0 = off
+    sample_per_class: int = 4     # grid: up to 8 classes spread over the range, this many samples of each
+    sample_iters: int = 8         # few unmasking iterations and transcoder steps: a grid is a progress check, not a result
+    sample_steps: int = 25
+    sample_cfg: float = 2.0
 
 
 def masked_modeling_loss(model: BiGR, codes: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor,
-                         seed: int, step: int, class_dropout: float = 0.1, repeat: int = 1) -> torch.Tensor:
-    """codes (B,N,K) 0/1, labels (B,), sample_index (B,) global ids -> per-sample loss (B,)."""
+                         seed: int, step: int, class_dropout: float = 0.1, repeat: int = 1,
+                         attn_fn=attention_reference) -> torch.Tensor:
+    """codes (B,N,K) 0/1, labels (B,), sample_index (B,) global ids -> per-sample loss (B,).
+    attn_fn: the transformer's attention (see `attention_for`)."""
     B, N, K = codes.shape
     cfg = model.cfg
     s = lambda kind: rng.stream(kind, step % 4096, step // 4096 % 4096)  # noqa: E731
@@ -63,7 +75,7 @@ def masked_modeling_loss(model: BiGR, codes: torch.Tensor, labels: torch.Tensor,
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(N).expand(B, N).contiguous())
     mask = rank < n_mask[:, None]
 
-    z = model.transformer.conditions(codes, mask, labels)             # (B,N,D)
+    z = model.transformer.conditions(codes, mask, labels, attn_fn=attn_fn)   # (B,N,D)
     tables = model.schedule(codes.device)
     T = cfg.train_steps
     u_t = rng.uniform(seed, sample_index, s(DIFF_STEP), (repeat, N))   # (B,R,N)
@@ -77,6 +89,79 @@ def masked_modeling_loss(model: BiGR, codes: torch.Tensor, labels: torch.Tensor,
     owner = torch.arange(B, device=codes.device)[:, None, None].expand(B, repeat, N)[sel]
     per_sample = torch.zeros(B, device=codes.device).index_add_(0, owner, per_bit.mean(-1))
     return per_sample / (n_mask.to(per_sample.dtype) * repeat)
+
+
+def fused_attention(qkv, cos, sin):
+    """The extension's rope_attention as the transformer's attn_fn (its log-sum-exp is not needed here)."""
+    from . import ops
+    return ops.rope_attention(qkv, cos, sin)[0]
+
+
+OPS_CHOICES = ("engine", "reference")
+
+
+def attention_for(ops: str, device, head_dim: int):
+    """-> (attn_fn, why): the fused attention for ops="engine" when the extension can run it here, else the
+    plain-PyTorch reference with `why` saying why the fused one was not taken (None when nothing was refused)."""
+    if ops not in OPS_CHOICES:
+        raise BigrError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
+    if ops == "reference":
+        return attention_reference, None
+    device = torch.device(device)
+    if not _ext.has_op("bigr::rope_attention"):
+        why = _ext.extension_error() or "the extension was built without bigr::rope_attention; rebuild it"
+    elif device.type == "cuda" and not _ext.have_cuda_kernels():
+        why = "the extension was built without CUDA kernels; rebuild it with nvcc present"
+    elif device.type == "cuda" and head_dim not in (64, 128):
+        why = f"the CUDA attention kernels take head dims 64 and 128, this model has {head_dim}"
+    elif device.type not in ("cpu", "cuda"):
+        why = f"the fused ops run on cpu and cuda, not {device.type}"
+    else:
+        return fused_attention, None
+    return attention_reference, f"--ops engine falls back to the plain-PyTorch attention: {why}"
+
+
+def transcoder_ops_active(model: BiGR) -> bool:
+    """Whether the transcoder will run its fused ops: asked for (use_ops) and present in the loaded extension."""
+    from . import transcoder
+    have = getattr(transcoder, "have_block_ops", lambda: False)
+    return bool(getattr(model.transcoder, "use_ops", False)) and have()
+
+
+def sample_classes(num_classes: int, most: int = 8) -> list[int]:
+    """Up to `most` class ids spread evenly over 0..num_classes-1."""
+    n = min(most, num_classes)
+    return sorted({round(i * (num_classes - 1) / max(1, n - 1)) for i in range(n)})
+
+
+def write_sample_grid(ema: BiGR, bae, recipe: TrainRecipe, step: int, out: Path):
+    """Generate a class-conditional grid (one row per class) with the EMA weights, decode it with the B-AE and
+    write out/samples/step_XXXXXXX.png atomically; -> (path, grid uint8). The same seed and sample indices at every
+    step, so the grids of one run show how the same samples evolve. The global torch RNG is left as it was."""
+    from .imageio import make_grid, png_bytes, to_uint8, write_files_atomic
+    cfg = ema.cfg
+    classes = sample_classes(cfg.num_classes)
+    labels = torch.tensor(classes, device=ema.device).repeat_interleave(recipe.sample_per_class)
+    rng_state = torch.get_rng_state()
+    was_training = ema.training
+    try:
+        ema.eval()
+        codes = ema.generate(labels, cfg=recipe.sample_cfg, iters=min(recipe.sample_iters, cfg.num_tokens),
+                             steps=min(recipe.sample_steps, cfg.train_steps), seed=recipe.seed,
+                             sample_index=torch.arange(len(labels)))
+        with torch.inference_mode():
+            images = to_uint8(bae.decode(codes.to(bae_device(bae))))
+    finally:
+        torch.set_rng_state(rng_state)
+        ema.train(was_training)
+    path = out / "samples" / f"step_{step:07d}.png"
+    grid = make_grid(images, recipe.sample_per_class)
+    write_files_atomic({path: png_bytes(grid)})
+    return path, grid
+
+
+def bae_device(bae) -> torch.device:
+    return next(bae.parameters()).device
 
 
 def param_groups(model: BiGR, weight_decay: float):
@@ -105,10 +190,16 @@ def batch_indices(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
 
 
 def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: TrainRecipe, out: Path,
-          device="cpu", progress: bool = True, on_save=None) -> tuple[BiGR, BiGR]:
-    """codes (n,N,K) uint8 (or a memmap-backed tensor), labels (n,). Writes out/state.pt; returns (model, ema)."""
+          device="cpu", progress: bool = True, on_save=None, bae=None) -> tuple[BiGR, BiGR]:
+    """codes (n,N,K) uint8 (or a memmap-backed tensor), labels (n,). Writes out/state.pt, out/log.jsonl and, with a
+    B-AE `bae` (the tokenizer of the codes), sample grids out/samples/step_XXXXXXX.png; returns (model, ema)."""
     out = Path(out)
     rank, world = _dist_info()
+    if recipe.ops not in OPS_CHOICES:
+        raise BigrError(f"ops must be one of {OPS_CHOICES}, got {recipe.ops!r}")
+    if recipe.sample_every < 0 or recipe.sample_per_class < 1:
+        raise BigrError(f"sample_every must be >= 0 (0 = no grids) and sample_per_class >= 1, "
+                        f"got {recipe.sample_every} and {recipe.sample_per_class}")
     if recipe.batch_size % (world * recipe.grad_accum):
         raise ValueError(f"batch size {recipe.batch_size} must divide by ranks x accumulation = {world * recipe.grad_accum}")
     if len(codes) < recipe.batch_size:
@@ -116,6 +207,15 @@ def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: Tr
     micro = recipe.batch_size // (world * recipe.grad_accum)
     torch.manual_seed(recipe.seed)
     model = BiGR(cfg).to(device).train()
+    if bae is not None:
+        from .loading import check_pair
+        check_pair(model, bae)  # before any work: a tokenizer of another code would only fail at the first grid
+    attn_fn, ops_note = attention_for(recipe.ops, device, cfg.head_dim)
+    if ops_note and rank == 0:
+        warnings.warn(ops_note, RuntimeWarning, stacklevel=2)
+    engine_ops = attn_fn is fused_attention
+    if hasattr(model.transcoder, "use_ops"):  # the fused LayerNorm + modulate ops, where the transcoder has them
+        model.transcoder.use_ops = engine_ops
     ema = Ema(model, recipe.ema)
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.95))
     start = 0
@@ -130,6 +230,17 @@ def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: Tr
         opt.load_state_dict(st["opt"])
         start = st["step"]
     log = JsonlLog(out / "log.jsonl") if rank == 0 else None
+    sampling = recipe.sample_every > 0 and bae is not None
+    if log:
+        notes = [ops_note] if ops_note else []
+        if log.tb is None:
+            notes.append("no TensorBoard log: the tensorboard package is not installed (pip install tensorboard)")
+        if recipe.sample_every > 0 and bae is None:
+            notes.append("no sample grids: no B-AE was given to decode the codes (pass --bae, the tokenizer of the data)")
+        # One record per (re)start: a resumed run may use other run settings than the steps before it.
+        log.write(start, event="start", ops=recipe.ops, attention="fused" if engine_ops else "reference",
+                  transcoder_ops=transcoder_ops_active(model), tensorboard=log.tb is not None,
+                  sample_grids=sampling, notes=notes)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else torch.autocast("cpu", enabled=False)
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="train", disable=not progress or rank)
     for step in bar:
@@ -144,7 +255,8 @@ def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: Tr
             with autocast:
                 loss = masked_modeling_loss(model, codes[mine].to(device), labels[mine].to(device),
                                             (step * recipe.batch_size + lo + torch.arange(micro)).to(device),
-                                            recipe.seed, step, recipe.class_dropout, recipe.transcoder_repeat).mean()
+                                            recipe.seed, step, recipe.class_dropout, recipe.transcoder_repeat,
+                                            attn_fn).mean()
             (loss / recipe.grad_accum).backward()
             total += loss.item() / recipe.grad_accum
         if world > 1:
@@ -162,6 +274,10 @@ def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: Tr
                                     "config": cfg.to_dict(), "recipe": asdict(recipe)})
             if on_save:
                 on_save(step + 1, ema.model)
+        if rank == 0 and sampling and ((step + 1) % recipe.sample_every == 0 or step == recipe.steps - 1):
+            path, grid = write_sample_grid(ema.model, bae, recipe, step + 1, out)
+            log.write(step + 1, event="samples", path=str(path.relative_to(out)))
+            log.image("samples", grid, step + 1)
     return model.eval(), ema.model
 
 

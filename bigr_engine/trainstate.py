@@ -90,5 +90,11 @@ class JsonlLog:
             f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):  # flags and notes stay in the JSONL only
                     self.tb.add_scalar(k, v, step)
+
+    def image(self, tag: str, image, step: int):
+        """An (H,W,3) uint8 image to TensorBoard (the JSONL log records only where its PNG is)."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+            self.tb.flush()

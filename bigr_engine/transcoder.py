@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _ext, ops
 from .transformer import modulate
 
 TIME_FEATURES = 256
@@ -33,17 +34,44 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_features(steps).to(w.dtype))
 
 
+LN_EPS = 1e-6
+
+
+def have_block_ops() -> bool:
+    """Whether the extension has the fused transcoder-block ops (bigr_engine.ops.ln_modulate, gated_residual)."""
+    return _ext.has_op("bigr::ln_modulate") and _ext.has_op("bigr::gated_residual")
+
+
+def _fits_ops(x, shift):
+    """The fused ops take one row of condition per row of x, in x's dtype (mixed dtypes, as under some autocast
+    setups, take the plain path, which promotes)."""
+    return shift.shape == x.shape and shift.dtype == x.dtype and have_block_ops()
+
+
+def ln_modulate_plain(x, shift, scale):
+    """The release's LayerNorm (no affine, eps 1e-6) + modulate."""
+    return modulate(F.layer_norm(x, x.shape[-1:], eps=LN_EPS), shift, scale)
+
+
 class ResBlock(nn.Module):
-    """x + gate * MLP(modulate(LN(x), shift, scale)); LN without affine, eps 1e-6."""
+    """x + gate * MLP(modulate(LN(x), shift, scale)); LN without affine, eps 1e-6.
+
+    `use_ops` (set by the Transcoder) runs the LN + modulate and the gated residual through the fused ops when the
+    extension has them and the condition has one row per row of x in x's dtype; otherwise the plain-PyTorch path
+    (the release's)."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 3 * hidden))
+        self.use_ops = False
 
     def forward(self, x, c):
         shift, scale, gate = self.adaLN_modulation(c).chunk(3, dim=-1)
-        h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale)
+        if self.use_ops and _fits_ops(x, shift):
+            h = self.mlp(ops.ln_modulate(x, shift, scale, LN_EPS)[0])
+            return ops.gated_residual(x, gate, h) if h.dtype == x.dtype else x + gate * h
+        h = ln_modulate_plain(x, shift, scale)
         return x + gate * self.mlp(h)
 
 
@@ -52,14 +80,21 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.linear = nn.Linear(hidden, bits)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.use_ops = False  # as ResBlock's
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))
+        if self.use_ops and _fits_ops(x, shift):
+            return self.linear(ops.ln_modulate(x, shift, scale, LN_EPS)[0])
+        return self.linear(ln_modulate_plain(x, shift, scale))
 
 
 class Transcoder(nn.Module):
-    """g(x_t, step, z) -> K flip logits per token."""
+    """g(x_t, step, z) -> K flip logits per token.
+
+    `use_ops = True` runs every block's LN + modulate and gated residual through the fused ops of the extension
+    (where it has them; equal to the default path within float32 rounding). The default, False, is the release's
+    plain-PyTorch path. The flag lives on the blocks, set from here: no global state."""
 
     def __init__(self, bits: int, cond_dim: int, hidden: int, blocks: int):
         super().__init__()
@@ -68,6 +103,15 @@ class Transcoder(nn.Module):
         self.c_embedder = nn.Linear(cond_dim, hidden)
         self.blocks = nn.ModuleList(ResBlock(hidden) for _ in range(blocks))
         self.final_layer = FinalLayer(hidden, bits)
+
+    @property
+    def use_ops(self) -> bool:
+        return self.final_layer.use_ops
+
+    @use_ops.setter
+    def use_ops(self, value: bool) -> None:
+        for m in [*self.blocks, self.final_layer]:
+            m.use_ops = bool(value)
 
     def condition(self, z, t_embed):
         """The per-token condition vector c = c_embedder(z) + temb; split out so a sampler can reuse c_embedder(z)."""

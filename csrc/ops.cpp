@@ -27,4 +27,13 @@ TORCH_LIBRARY(bigr, m) {
   // through the rotation, dv).
   m.def("rope_attention_backward(Tensor grad_out, Tensor qkv, Tensor cos, Tensor sin, Tensor out, Tensor lse) "
         "-> Tensor");
+  // The transcoder block's LayerNorm (no affine) + adaLN modulation, fused: x (..., D), shift and scale both x's shape
+  // (per-row) or both (D,) -> y = (x - mean) * rstd * (1 + scale) + shift in x's dtype, and mean, rstd (...) float32
+  // (float64 for float64 x) for the backward.
+  m.def("ln_modulate(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  // Its backward -> grad_x (x's shape), grad_shift and grad_scale (scale's shape).
+  m.def("ln_modulate_backward(Tensor grad_y, Tensor x, Tensor scale, Tensor mean, Tensor rstd) "
+        "-> (Tensor grad_x, Tensor grad_shift, Tensor grad_scale)");
+  // The block's gated residual x + gate * h, all three the same shape, math in float32 (float64 for float64).
+  m.def("gated_residual(Tensor x, Tensor gate, Tensor h) -> Tensor");
 }

@@ -1,10 +1,9 @@
 """Generation-loop ops: rng_bits/rng_uniform, posterior_step, unmask_topk.
 
 Each compiled kernel against its plain-PyTorch twin in reference_ops (bit-identical on float32 inputs), the twins
-against the engine's own arithmetic (engine.transcode_masked, engine._iteration), CUDA against CPU, opcheck, errors.
+against the engine's own arithmetic (engine.transcode_masked, engine._unmask), CUDA against CPU, opcheck, errors.
 Output buffers are poisoned (NaN / 0xFF / 3) before every kernel writes them.
 """
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -310,22 +309,13 @@ def test_unmask_codes_dtypes(device, codes_dtype):
     assert got[0].dtype == codes_dtype and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-class _StubModel:
-    """What engine._iteration needs of a model, around a fixed p0 (see the monkeypatched transcode_masked)."""
-
-    def __init__(self, N, D):
-        self.transformer = SimpleNamespace(conditions=lambda codes, mask, labels: torch.ones(codes.shape[0], N, D))
-        self.transcoder = SimpleNamespace(c_embedder=lambda z: z)
-
-
 @needs_ext
 @pytest.mark.parametrize("kw", [dict(gumbel=0.0), dict(gumbel=0.8), dict(deterministic=True, gumbel=0.3),
                                 dict(greedy=True), dict(seed=2**33 + 1, gumbel=2.0)], ids=str)
 @pytest.mark.parametrize("K", [1, 7, 16])
 @pytest.mark.parametrize("count", [0, 1, 13, 40])
-def test_unmask_equals_engine_iteration(monkeypatch, kw, K, count):
-    """engine._iteration's selection and draws, given its p0. p0 lies on a grid of 1/64 so that the engine's mean
-    over bits is exact in any summation order (the op sums in bit order)."""
+def test_unmask_equals_engine_unmask(kw, K, count):
+    """The engine's plain-PyTorch unmasking (engine._unmask), given p0 (on a grid of 1/64, with ties)."""
     from bigr_engine import ops
     opts = SamplingOptions(**kw)
     B, N, n, s = 3, 50, 40, 2
@@ -338,10 +328,9 @@ def test_unmask_equals_engine_iteration(monkeypatch, kw, K, count):
     codes = torch.randint(0, 2, (B, N, K), generator=g).float()
     codes[mask] = 3.0
     si = torch.tensor([2, 7, 0])
-    monkeypatch.setattr(engine, "transcode_masked", lambda *a, **k: p0)
-    want_codes, want_mask = engine._iteration(_StubModel(N, 4), codes, mask, None, False, 1.0, gumbel_temp, n, count,
-                                              opts, TABLES, [1], None, torch.arange(K), si, s)
     idx = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :n]   # as the engine
+    want_codes, want_mask = engine._unmask(p0, idx, engine.Round(s, n, count, 1.0, gumbel_temp), codes, mask, opts, si,
+                                           torch.arange(K))
     k = torch.full((B,), count)
     det = opts.deterministic or opts.greedy
     for fn in (R.unmask_topk_ref, ops.unmask_topk):
