@@ -126,17 +126,21 @@ def _device(name: str | None) -> torch.device:
     return dev
 
 
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+DTYPE_HELP = ("the engine's matmul precision under autocast (weights and probabilities stay float32): auto = bfloat16 "
+              "on CUDA, float32 on CPU")
+
+
 def load_models(args, device):
     """(model, bae) from --ckpt/--bae, or from `bigr_engine.load_default()` when neither is given."""
     import bigr_engine as be
     from .errors import CheckpointError
-    dtype = getattr(torch, args.dtype)
     if args.ckpt is None and args.bae is None:
         loader = getattr(be, "load_default", None)
         if loader is None:
             raise BigrError(NO_MODEL)
         try:
-            return loader(device=device, dtype=dtype)
+            return loader(device=device)
         except CheckpointError:
             raise  # a default is installed but broken: say which file
         except BigrError:
@@ -144,7 +148,7 @@ def load_models(args, device):
     if args.ckpt is None or args.bae is None:
         missing = "--ckpt (the BiGR model)" if args.ckpt is None else "--bae (the B-AE tokenizer the model was trained with)"
         raise BigrError(f"pass {missing} too: --ckpt and --bae go together (or give neither to use the bundled default)")
-    model = be.load_bigr(args.ckpt, device=device, dtype=dtype)
+    model = be.load_bigr(args.ckpt, device=device)
     bae = be.load_bae(args.bae, device=device)
     return model, bae
 
@@ -184,7 +188,7 @@ def cmd_generate(args) -> int:
         for lo in range(0, n, args.batch_size):
             batch = labels[lo:lo + args.batch_size]
             # Sample i of the run is keyed by (seed, i): the batch size does not change any image.
-            codes = model.generate(batch, seed=args.seed, greedy=args.greedy,
+            codes = model.generate(batch, seed=args.seed, greedy=args.greedy, dtype=args.dtype,
                                    sample_index=torch.arange(lo, lo + len(batch)), **sampling)
             # One image per decoder call: the decoder's float rounding depends on the batch it runs in, which
             # could move a pixel by one level in the PNG; decoded alone, image i depends only on its codes.
@@ -349,8 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call (does not change the images)")
     p.add_argument("--nrow", type=positive_int, help="images per row of the grid (default: --per-class if > 1, else up to 8)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="BiGR weights and compute "
-                   "(default float32; the tokenizer runs in float32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .engine import resolve_dtype
 from .errors import BigrError
 
 FORMAT = "bigr-sample-many/1"
@@ -275,11 +276,15 @@ def sample_many(model, bae, out, *, num_images: int, per_class: int, classes, se
     if batch_size < 1:
         raise BigrError(f"--batch-size must be at least 1, got {batch_size}")
     defaults = {k: p.default for k, p in inspect.signature(model.generate).parameters.items()
-                if p.default is not inspect.Parameter.empty and k not in ("sample_index", "progress", "backend", "seed")}
+                if p.default is not inspect.Parameter.empty and k not in ("sample_index", "progress", "backend", "seed", "cuda_graph")}
     unknown = set(sampling or {}) - set(defaults)
     if unknown:
         raise BigrError(f"unknown sampling option(s) {sorted(unknown)}; known: {sorted(defaults)}")
     sampling = {**defaults, **(sampling or {})}
+    try:   # the precision changes the numbers: record it resolved ("auto" -> what it means on this device)
+        sampling["dtype"] = str(resolve_dtype(sampling["dtype"], model.device)).replace("torch.", "")
+    except (ValueError, AttributeError):
+        raise BigrError(f"dtype must be auto, float32, bfloat16 or float16, got {sampling['dtype']!r}") from None
     hw = (bae.cfg.img_size, bae.cfg.img_size)
     settings = {
         "format": FORMAT, "num_images": plan.num_images, "per_class": plan.per_class, "classes": list(plan.classes),
@@ -337,6 +342,7 @@ def cmd_sample_many(args) -> int:
             sampling[k] = getattr(args, k)
     if args.greedy:
         sampling["greedy"] = True
+    sampling["dtype"] = args.dtype
     try:
         dst = sample_many(model, bae, out, num_images=num_images, per_class=per_class, classes=classes, seed=args.seed,
                           sampling=sampling, batch_size=args.batch_size, shard_size=args.shard_size, png=not args.no_png,
@@ -355,7 +361,7 @@ def cmd_sample_many(args) -> int:
 
 def register(subparsers) -> None:
     """Add `sample-many` to the `bigr` command's subparsers."""
-    from .cli import positive_int
+    from .cli import DTYPE_CHOICES, DTYPE_HELP, positive_int
     p = subparsers.add_parser(
         "sample-many", help="many samples (e.g. 50k for FID) in resumable shards; torchrun for several processes",
         description="Generate --num-images images: --per-class images of each class in order, repeated (num-images must "
@@ -382,7 +388,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (does not change the images)")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="images per resumable shard (default 1000)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="BiGR weights and compute")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--backend", default="engine", choices=["engine", "reference"], help="sampling loop (same images; "
                    "default engine, the fast one)")
     p.add_argument("--no-png", action="store_true", help="write only the npz files, no PNGs")
