@@ -131,6 +131,7 @@ class _Plan:
     temb: torch.Tensor
     tables: dict
     use_ops: bool
+    attention_op: bool   # the CUDA attention kernels exist for head dims 64 and 128 only
     dtype: torch.dtype
 
 
@@ -139,7 +140,8 @@ def _make_plan(model, opts: SamplingOptions, use_ops: bool, dtype: torch.dtype) 
     steps = inference_steps(model.cfg.train_steps, opts.steps)
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         temb = model.transcoder.t_embedder(torch.tensor(steps, device=dev) - 1)          # (S, Hd)
-    return _Plan(rounds_for(opts, model.cfg.num_tokens), steps, temb, model.schedule(dev), use_ops, dtype)
+    attention_op = use_ops and (dev.type == "cpu" or model.cfg.head_dim in (64, 128))
+    return _Plan(rounds_for(opts, model.cfg.num_tokens), steps, temb, model.schedule(dev), use_ops, attention_op, dtype)
 
 
 def _run(model, plan: _Plan, labels, null, sample_index, opts: SamplingOptions, progress: bool) -> torch.Tensor:
@@ -148,7 +150,7 @@ def _run(model, plan: _Plan, labels, null, sample_index, opts: SamplingOptions, 
     dev = model.device
     use_cfg = opts.cfg != 1.0
     cond_labels = torch.cat([labels, null]) if use_cfg else labels
-    attn = _rope_attention if plan.use_ops else attention_reference
+    attn = _rope_attention if plan.attention_op else attention_reference
     bit = torch.arange(K, device=dev)
     codes = torch.zeros(B, N, K, device=dev, dtype=torch.uint8)
     mask = torch.ones(B, N, dtype=torch.bool, device=dev)
