@@ -177,10 +177,7 @@ def cmd_generate(args) -> int:
     model, bae = load_models(args, device)
     be.check_pair(model, bae)
     ids = resolve_classes(args.classes, model)
-    sampling = dict(getattr(model, "default_sampling", {}) or {})
-    for k in ("cfg", "iters", "steps", "gumbel", "cfg_schedule", "gumbel_schedule", "temperature"):
-        if getattr(args, k) is not None:
-            sampling[k] = getattr(args, k)
+    sampling = sampling_from_args(args, model)
     labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(args.per_class)
     n = len(labels)
     chunks = []
@@ -188,8 +185,7 @@ def cmd_generate(args) -> int:
         for lo in range(0, n, args.batch_size):
             batch = labels[lo:lo + args.batch_size]
             # Sample i of the run is keyed by (seed, i): the batch size does not change any image.
-            codes = model.generate(batch, seed=args.seed, greedy=args.greedy, dtype=args.dtype,
-                                   sample_index=torch.arange(lo, lo + len(batch)), **sampling)
+            codes = model.generate(batch, seed=args.seed, sample_index=torch.arange(lo, lo + len(batch)), **sampling)
             # One image per decoder call: the decoder's float rounding depends on the batch it runs in, which
             # could move a pixel by one level in the PNG; decoded alone, image i depends only on its codes.
             with torch.inference_mode():
@@ -323,6 +319,37 @@ def positive_int(text: str) -> int:
     return v
 
 
+def add_model_and_sampling_flags(p, classes_help: str) -> None:
+    """The model, class and sampling flags `generate` and `sample-many` share (defaults None: the model's own)."""
+    p.add_argument("--ckpt", metavar="MODEL", help="BiGR model (released .pt or .safetensors); default: the bundled model")
+    p.add_argument("--bae", metavar="TOKENIZER", help="B-AE tokenizer (released .th or .safetensors); default: the bundled one")
+    p.add_argument("--classes", help="class ids or names, comma-separated, " + classes_help)
+    p.add_argument("--seed", type=int, default=0, help="random seed; image i depends only on (seed, i)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 2.5, or the bundled model's)")
+    p.add_argument("--iters", type=int, help="unmasking iterations (default 20, or the bundled model's)")
+    p.add_argument("--steps", type=int, help="transcoder denoising steps (default 100, or the bundled model's)")
+    p.add_argument("--gumbel", type=float, help="Gumbel temperature of the unmasking order (default 0, or the bundled model's)")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], help="guidance over the iterations (default constant)")
+    p.add_argument("--gumbel-schedule", choices=["constant", "down", "up"], help="Gumbel temperature over the iterations "
+                   "(default constant)")
+    p.add_argument("--temperature", type=float, help="transcoder logit temperature (default 1)")
+    p.add_argument("--greedy", action="store_true", help="every draw replaced by its mode (fully deterministic)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+
+
+def sampling_from_args(args, model) -> dict:
+    """model.generate keywords from add_model_and_sampling_flags' flags over the model's own defaults (the bundled
+    model carries tuned ones)."""
+    sampling = dict(getattr(model, "default_sampling", {}) or {})
+    for k in ("cfg", "iters", "steps", "gumbel", "cfg_schedule", "gumbel_schedule", "temperature"):
+        if getattr(args, k) is not None:
+            sampling[k] = getattr(args, k)
+    if args.greedy:
+        sampling["greedy"] = True
+    sampling["dtype"] = args.dtype
+    return sampling
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import cli_apps
     ap = _Parser(prog="bigr", description="bigr-engine: BiGR image generation on binary latent codes")
@@ -333,27 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DIR/grid.png, only once all of them succeeded. Image i depends only on the seed, i, "
                                    "its class and the sampling options (not on --batch-size). Without --ckpt/--bae the "
                                    "bundled default model is used, with its tuned sampling settings.")
-    p.add_argument("--ckpt", metavar="MODEL", help="BiGR model (released .pt or .safetensors); default: the bundled model")
-    p.add_argument("--bae", metavar="TOKENIZER", help="B-AE tokenizer (released .th or .safetensors); default: the bundled one")
-    p.add_argument("--classes", help="class ids or names, comma-separated, e.g. 207,tabby (ImageNet names for 1000-class "
-                   "models; default: a few classes spread over the range)")
+    add_model_and_sampling_flags(p, "e.g. 207,tabby (ImageNet names for 1000-class models; default: a few classes "
+                                    "spread over the range)")
     p.add_argument("--per-class", type=positive_int, default=1, help="images per class (default 1)")
     p.add_argument("--out", default="samples", metavar="DIR", help="output folder: DIR/{index:05d}_{class}.png and DIR/grid.png "
                    "(default samples)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; image i depends only on (seed, i)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 2.5)")
-    p.add_argument("--iters", type=int, help="unmasking iterations (default 20)")
-    p.add_argument("--steps", type=int, help="transcoder denoising steps (default 100)")
-    p.add_argument("--gumbel", type=float, help="Gumbel temperature of the unmasking order (default 0)")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear"], help="guidance over the iterations (default constant)")
-    p.add_argument("--gumbel-schedule", choices=["constant", "down", "up"], help="Gumbel temperature over the iterations "
-                   "(default constant)")
-    p.add_argument("--temperature", type=float, help="transcoder logit temperature (default 1)")
-    p.add_argument("--greedy", action="store_true", help="every draw replaced by its mode (fully deterministic)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call (does not change the images)")
     p.add_argument("--nrow", type=positive_int, help="images per row of the grid (default: --per-class if > 1, else up to 8)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 

@@ -324,7 +324,7 @@ def sample_many(model, bae, out, *, num_images: int, per_class: int, classes, se
 def cmd_sample_many(args) -> int:
     import bigr_engine as be
 
-    from .cli import _device, check_out_dir, load_models, resolve_classes
+    from .cli import _device, check_out_dir, load_models, resolve_classes, sampling_from_args
     out = Path(args.out)
     check_out_dir(out)
     rank, world, local = dist_env()
@@ -336,13 +336,7 @@ def cmd_sample_many(args) -> int:
     classes = resolve_classes(args.classes, model) if args.classes else list(range(model.cfg.num_classes))
     per_class = args.per_class
     num_images = args.num_images or per_class * len(classes)
-    sampling = dict(getattr(model, "default_sampling", {}) or {})
-    for k in ("cfg", "iters", "steps", "gumbel", "cfg_schedule", "gumbel_schedule", "temperature"):
-        if getattr(args, k) is not None:
-            sampling[k] = getattr(args, k)
-    if args.greedy:
-        sampling["greedy"] = True
-    sampling["dtype"] = args.dtype
+    sampling = sampling_from_args(args, model)
     try:
         dst = sample_many(model, bae, out, num_images=num_images, per_class=per_class, classes=classes, seed=args.seed,
                           sampling=sampling, batch_size=args.batch_size, shard_size=args.shard_size, png=not args.no_png,
@@ -361,7 +355,7 @@ def cmd_sample_many(args) -> int:
 
 def register(subparsers) -> None:
     """Add `sample-many` to the `bigr` command's subparsers."""
-    from .cli import DTYPE_CHOICES, DTYPE_HELP, positive_int
+    from .cli import add_model_and_sampling_flags, positive_int
     p = subparsers.add_parser(
         "sample-many", help="many samples (e.g. 50k for FID) in resumable shards; torchrun for several processes",
         description="Generate --num-images images: --per-class images of each class in order, repeated (num-images must "
@@ -373,22 +367,10 @@ def register(subparsers) -> None:
     p.add_argument("--num-images", type=positive_int, help="images in all (default: --per-class x the number of classes)")
     p.add_argument("--per-class", type=positive_int, default=50, help="consecutive images per class (default 50)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing; resumable)")
-    p.add_argument("--ckpt", metavar="MODEL", help="BiGR model (released .pt or .safetensors); default: the bundled model")
-    p.add_argument("--bae", metavar="TOKENIZER", help="B-AE tokenizer (released .th or .safetensors); default: the bundled one")
-    p.add_argument("--classes", help="class ids or names, comma-separated (default: every class of the model)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; image i depends only on (seed, i)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 2.5, or the bundled model's)")
-    p.add_argument("--iters", type=int, help="unmasking iterations (default 20, or the bundled model's)")
-    p.add_argument("--steps", type=int, help="transcoder denoising steps (default 100, or the bundled model's)")
-    p.add_argument("--gumbel", type=float, help="Gumbel temperature of the unmasking order (default 0, or the bundled model's)")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear"], help="guidance over the iterations")
-    p.add_argument("--gumbel-schedule", choices=["constant", "down", "up"], help="Gumbel temperature over the iterations")
-    p.add_argument("--temperature", type=float, help="transcoder logit temperature (default 1)")
-    p.add_argument("--greedy", action="store_true", help="every draw replaced by its mode (fully deterministic)")
+    add_model_and_sampling_flags(p, "(default: every class of the model)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call (does not change the images)")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="images per resumable shard (default 1000)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--backend", default="engine", choices=["engine", "reference"], help="sampling loop (same images; "
                    "default engine, the fast one)")
     p.add_argument("--no-png", action="store_true", help="write only the npz files, no PNGs")

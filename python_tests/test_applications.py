@@ -15,13 +15,8 @@ from bigr_engine import representations as reps
 KW = dict(iters=3, steps=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 S, G, K = 32, 8, 10          # image size, token grid side, bits
 
 

@@ -36,13 +36,7 @@ def tiny_bae(bits=10, seed=1):
                                              codebook_size=bits, img_size=32))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread avoids thread start-up and contention costs (30x on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

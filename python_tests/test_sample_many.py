@@ -21,12 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = {"iters": 2, "steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors never cross a call boundary: every helper is inlined
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define BIGR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
-#define BIGR_CPU_CLONES __attribute__((flatten))
-#endif
-#define BIGR_INLINE inline __attribute__((always_inline))
+#include "cpu/clones.h"
 
 namespace bigr {
 namespace {

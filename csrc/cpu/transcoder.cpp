@@ -17,12 +17,7 @@
 
 #include "transcoder.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define BIGR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
-#define BIGR_CPU_CLONES __attribute__((flatten))
-#endif
-#define BIGR_INLINE inline __attribute__((always_inline))
+#include "cpu/clones.h"
 
 namespace bigr {
 namespace {
