@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import bigr_engine as be
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -10,3 +12,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small random BiGR (36 tokens of 8 bits, 5 classes) with confident weights, so samples depend on the inputs."""
+    torch.manual_seed(0)
+    cfg = be.BiGRConfig(dim=64, n_layer=2, n_head=1, bits=8, num_tokens=36, num_classes=5,
+                        transcoder_blocks=1, transcoder_dim=32, train_steps=16)
+    m = be.BiGR(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m

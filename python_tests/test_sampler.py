@@ -8,18 +8,6 @@ import bigr_engine as be
 from bigr_engine import rng, sampler
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = be.BiGRConfig(dim=64, n_layer=2, n_head=1, bits=8, num_tokens=36, num_classes=5,
-                        transcoder_blocks=1, transcoder_dim=32, train_steps=16)
-    m = be.BiGR(cfg).eval()
-    with torch.no_grad():  # random, confident weights so that samples depend on the inputs
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
-
-
 KW = dict(cfg=2.0, iters=5, steps=4)
 
 
