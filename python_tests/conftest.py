@@ -14,14 +14,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """A small random BiGR (36 tokens of 8 bits, 5 classes) with confident weights, so samples depend on the inputs."""
-    torch.manual_seed(0)
-    cfg = be.BiGRConfig(dim=64, n_layer=2, n_head=1, bits=8, num_tokens=36, num_classes=5,
-                        transcoder_blocks=1, transcoder_dim=32, train_steps=16)
-    m = be.BiGR(cfg).eval()
+def random_bigr(seed: int = 0, **cfg) -> "be.BiGR":
+    """A small BiGR with random weights of std 0.3 (far larger than the init), so that samples depend visibly on the
+    inputs; cfg overrides the small defaults below."""
+    torch.manual_seed(seed)
+    args = dict(dim=64, n_layer=2, n_head=1, bits=8, num_tokens=36, num_classes=5, transcoder_blocks=1,
+                transcoder_dim=32, train_steps=16)
+    args.update(cfg)
+    m = be.BiGR(be.BiGRConfig(**args)).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
     return m
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """36 tokens of 8 bits, 5 classes."""
+    return random_bigr()

@@ -11,6 +11,7 @@ import bigr_engine as be
 from bigr_engine import applications as apps
 from bigr_engine import cli_apps, datasets
 from bigr_engine import representations as reps
+from conftest import random_bigr
 
 KW = dict(iters=3, steps=4)
 
@@ -22,13 +23,7 @@ S, G, K = 32, 8, 10          # image size, token grid side, bits
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = be.BiGR(be.BiGRConfig(dim=64, n_layer=2, n_head=1, bits=K, num_tokens=G * G, num_classes=10,
-                              transcoder_blocks=1, transcoder_dim=32, train_steps=16)).eval()
-    with torch.no_grad():  # random, confident weights so that outputs depend on the inputs
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
+    return random_bigr(bits=K, num_tokens=G * G, num_classes=10)
 
 
 @pytest.fixture(scope="module")

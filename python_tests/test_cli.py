@@ -13,6 +13,7 @@ from PIL import Image
 import bigr_engine as be
 from bigr_engine import cli, imageio
 from bigr_engine.cli import main, resolve_classes
+from conftest import random_bigr
 
 FIX = Path(os.environ.get("BIGR_FIXTURES", Path(__file__).resolve().parents[2] / "shared/fixtures/release-parity"))
 needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason=f"release-parity fixtures not found at {FIX}")
@@ -21,13 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_bigr(num_classes=10, num_tokens=64, bits=10, seed=0):
-    torch.manual_seed(seed)
-    model = be.BiGR(be.BiGRConfig(dim=64, n_layer=1, n_head=1, bits=bits, num_tokens=num_tokens, num_classes=num_classes,
-                                  transcoder_blocks=1, transcoder_dim=32, train_steps=16))
-    with torch.no_grad():  # larger weights than the init, so that samples differ visibly
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model
+    return random_bigr(seed, n_layer=1, bits=bits, num_tokens=num_tokens, num_classes=num_classes)
 
 
 def tiny_bae(bits=10, seed=1):

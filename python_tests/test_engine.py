@@ -7,6 +7,7 @@ import bigr_engine as be
 from bigr_engine import engine
 from bigr_engine._ext import have_cuda_kernels
 from bigr_engine.sampler import SamplingOptions
+from conftest import random_bigr
 
 HAVE_OPS = engine.ops_unavailable(torch.device("cpu")) is None
 OPS = [False, pytest.param(True, marks=pytest.mark.skipif(not HAVE_OPS, reason="bigr_engine._C ops not built"))]
@@ -16,14 +17,8 @@ needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not (torch.cuda.is_available(
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(1)
-    cfg = be.BiGRConfig(dim=64, n_layer=2, n_head=1, bits=7, num_tokens=25, num_classes=4,
-                        transcoder_blocks=2, transcoder_dim=24, train_steps=32)
-    m = be.BiGR(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
+    return random_bigr(seed=1, bits=7, num_tokens=25, num_classes=4, transcoder_blocks=2, transcoder_dim=24,
+                       train_steps=32)
 
 
 CASES = [
