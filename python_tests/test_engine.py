@@ -48,6 +48,16 @@ def test_engine_equals_reference(model, kw, seed, ops):
     assert eng.dtype == torch.uint8 and torch.equal(ref, eng)
 
 
+def test_engine_equals_reference_on_the_bundled_model():
+    """A trained model at its tuned settings (Gumbel noise, deterministic bits) and greedy, with the compiled ops
+    where built (the plain path is covered above)."""
+    model, _ = be.load_default()
+    labels = torch.tensor([0, 3, 6, 9, 2])
+    for kw in (dict(model.default_sampling), dict(greedy=True, iters=16, steps=25)):
+        opts = SamplingOptions(**kw, seed=3)
+        assert torch.equal(engine.generate(model, labels, opts), be.sampler.generate(model, labels, opts))
+
+
 def test_default_backend_uses_ops_when_built(model, monkeypatch):
     calls = []
     real = engine.transcode_masked_ops
