@@ -50,6 +50,20 @@ def has_op(qualname: str) -> bool:
     return have_extension() and hasattr(getattr(torch.ops, ns), name)
 
 
+def ops_unavailable(qualnames, device) -> str | None:
+    """Why the extension's ops `qualnames` cannot run on `device` (None when they can): one place for the reasons
+    (not built, built from older sources, no CUDA kernels, a device with no kernels)."""
+    device = torch.device(device)
+    missing = [op for op in qualnames if not has_op(op)]
+    if missing:
+        return _error or f"the extension lacks {', '.join(missing)}; rebuild it: pip install --no-build-isolation -e ."
+    if device.type == "cuda" and not have_cuda_kernels():
+        return "the extension was built without CUDA kernels; rebuild it with nvcc present"
+    if device.type not in ("cpu", "cuda"):
+        return f"the compiled ops run on cpu and cuda, not {device.type}"
+    return None
+
+
 def register_fake(qualname: str):
     """`torch.library.register_fake` for an op of the loaded extension; a no-op decorator when the extension is absent
     or does not define the op (built from older sources), so that ops.py stays importable either way."""

@@ -21,24 +21,19 @@ from dataclasses import astuple, dataclass
 import torch
 
 from . import rng
-from ._ext import has_op, have_cuda_kernels
-from .sampler import SamplingOptions, cfg_at, confidence, gumbel_at, masked_after, p0_from_logits, prepare_batch
-from .transcoder import have_block_ops, inference_steps, posterior_one
+from ._ext import ops_unavailable as _unavailable
+from .errors import BigrError
+from .ops import attention_unavailable, fused_attention
+from .sampler import SamplingOptions, cfg_at, confidence, gumbel_at, masked_after, prepare_batch
+from .transcoder import flip_to_p0, have_block_ops, inference_steps, posterior_one
 from .transformer import attention_reference
 
 _OPS = ("bigr::posterior_step", "bigr::unmask_topk", "bigr::rope_attention")
 
 
 def ops_unavailable(device: torch.device) -> str | None:
-    """Why the compiled ops cannot run on `device` (None when they can)."""
-    missing = [op for op in _OPS if not has_op(op)]
-    if missing:
-        return f"the extension is not built or lacks {', '.join(missing)}"
-    if device.type == "cuda" and not have_cuda_kernels():
-        return "the extension was built without CUDA kernels"
-    if device.type not in ("cpu", "cuda"):
-        return f"there are no kernels for {device.type}"
-    return None
+    """Why the engine's compiled ops cannot run on `device` (None when they can)."""
+    return _unavailable(_OPS, device)
 
 
 @dataclass(frozen=True)
@@ -69,10 +64,6 @@ def _draw_at(p, opts: SamplingOptions, sample_index, stream_id, counters):
     return (rng.uniform_at(opts.seed, sample_index, stream_id, counters) < p.float()).to(p.dtype)
 
 
-def _rope_attention(qkv, cos, sin):
-    return torch.ops.bigr.rope_attention(qkv, cos, sin)[0]
-
-
 # ---------------------------------------------------------------------------------------------- transcoder loop
 
 def transcode_masked(transcoder, cz: torch.Tensor, temb: torch.Tensor, steps: list, cfg: float, use_cfg: bool,
@@ -90,7 +81,7 @@ def transcode_masked(transcoder, cz: torch.Tensor, temb: torch.Tensor, steps: li
         if use_cfg:
             l_c, l_u = logits.chunk(2)
             logits = l_u + cfg * (l_c - l_u)
-        p0 = p0_from_logits(logits, xf).view(B, n, K)
+        p0 = flip_to_p0(logits, xf).view(B, n, K)
         if j == len(steps) - 1:
             return p0
         post = posterior_one(p0, x, t, steps[j + 1], tables)
@@ -131,7 +122,7 @@ class _Plan:
     temb: torch.Tensor
     tables: dict
     use_ops: bool
-    attention_op: bool   # the CUDA attention kernels exist for head dims 64 and 128 only
+    attention_op: bool   # the CUDA attention kernels exist for some head dims only
     dtype: torch.dtype
 
 
@@ -140,7 +131,7 @@ def _make_plan(model, opts: SamplingOptions, use_ops: bool, dtype: torch.dtype) 
     steps = inference_steps(model.cfg.train_steps, opts.steps)
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         temb = model.transcoder.t_embedder(torch.tensor(steps, device=dev) - 1)          # (S, Hd)
-    attention_op = use_ops and (dev.type == "cpu" or model.cfg.head_dim in (64, 128))
+    attention_op = use_ops and attention_unavailable(dev, model.cfg.head_dim) is None
     return _Plan(rounds_for(opts, model.cfg.num_tokens), steps, temb, model.schedule(dev), use_ops, attention_op, dtype)
 
 
@@ -150,7 +141,7 @@ def _run(model, plan: _Plan, labels, null, sample_index, opts: SamplingOptions, 
     dev = model.device
     use_cfg = opts.cfg != 1.0
     cond_labels = torch.cat([labels, null]) if use_cfg else labels
-    attn = _rope_attention if plan.attention_op else attention_reference
+    attn = fused_attention if plan.attention_op else attention_reference
     bit = torch.arange(K, device=dev)
     codes = torch.zeros(B, N, K, device=dev, dtype=torch.uint8)
     mask = torch.ones(B, N, dtype=torch.bool, device=dev)
@@ -168,7 +159,7 @@ def _run(model, plan: _Plan, labels, null, sample_index, opts: SamplingOptions, 
 
 
 def _rounds(model, plan, rounds, codes, mask, cond_labels, sample_index, opts, use_cfg, attn, bit):
-    B, N, K = codes.shape
+    B, _, K = codes.shape
     dev = codes.device
     branches = 2 if use_cfg else 1
     for r in rounds:
@@ -259,12 +250,16 @@ def _graphed(model, plan: _Plan, labels, null, sample_index, opts):
     return cache[key](labels, sample_index)[:B]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None or "auto" -> bfloat16 on CUDA, float32 elsewhere; a name from DTYPES or one of its torch dtypes."""
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if dt not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    dt = DTYPES.get(dtype, dtype)
+    if dt not in DTYPES.values():
+        raise BigrError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return dt
 
 
@@ -284,12 +279,12 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
         ops = reason is None
     elif ops and reason is not None:
         raise RuntimeError(f"ops=True but {reason}")
-    plan = _make_plan(model, opts, ops, resolve_dtype(dtype, dev))
-    labels, sample_index, null = prepare_batch(model, labels, sample_index)
     if cuda_graph is None:
         cuda_graph = dev.type == "cuda" and not progress
+    elif cuda_graph and dev.type != "cuda":
+        raise BigrError("cuda_graph=True needs the model on a CUDA device")
+    plan = _make_plan(model, opts, ops, resolve_dtype(dtype, dev))
+    labels, sample_index, null = prepare_batch(model, labels, sample_index)
     if cuda_graph:
-        if dev.type != "cuda":
-            raise ValueError("cuda_graph=True needs the model on a CUDA device")
         return _graphed(model, plan, labels, null, sample_index, opts)
     return _run(model, plan, labels, null, sample_index, opts, progress)

@@ -116,11 +116,5 @@ class BiGR(nn.Module):
                                        gumbel_schedule=gumbel_schedule, temperature=temperature,
                                        deterministic=deterministic, greedy=greedy, seed=seed, order=order)
         if backend == "engine" and order == "entropy":
-            try:
-                dtype = engine.resolve_dtype(dtype, self.device)
-            except (ValueError, AttributeError):
-                raise BigrError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}") from None
-            if cuda_graph and self.device.type != "cuda":
-                raise BigrError("cuda_graph=True needs the model on a CUDA device")
             return engine.generate(self, labels, opts, sample_index, progress, dtype=dtype, cuda_graph=cuda_graph)
         return sampler.generate(self, labels, opts, sample_index, progress)

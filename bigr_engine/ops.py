@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ext import has_op, have_extension
+from ._ext import has_op, have_extension, ops_unavailable
 from ._ext import register_fake as _register_fake
 from .reference_ops import word_dtype
 
@@ -63,6 +63,22 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     -> out (B, S, H*d) in qkv's dtype, lse (B, H, S) float32. Differentiable in qkv; lse is not differentiable.
     As the transformer's attention: `attn_fn=lambda qkv, cos, sin: ops.rope_attention(qkv, cos, sin)[0]`."""
     return torch.ops.bigr.rope_attention(qkv, cos, sin)
+
+
+def fused_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rope_attention as the transformer's `attn_fn` (the output only)."""
+    return rope_attention(qkv, cos, sin)[0]
+
+
+CUDA_ATTENTION_HEAD_DIMS = (64, 128)   # the CUDA kernels' instantiations
+
+
+def attention_unavailable(device, head_dim: int) -> str | None:
+    """Why rope_attention cannot run on `device` for this head size (None when it can)."""
+    why = ops_unavailable(("bigr::rope_attention",), device)
+    if why is None and torch.device(device).type == "cuda" and head_dim not in CUDA_ATTENTION_HEAD_DIMS:
+        why = f"the CUDA attention kernels take head dims {CUDA_ATTENTION_HEAD_DIMS}, this model has {head_dim}"
+    return why
 
 
 @_register_fake("bigr::rope_attention")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from . import rng
-from .reference_ops import confidence_ref, sigmoid_ref
-from .transcoder import inference_steps, posterior_one
+from .reference_ops import confidence_ref
+from .transcoder import flip_to_p0, inference_steps, posterior_one
 
 CFG_SCHEDULES = ("constant", "linear")
 GUMBEL_SCHEDULES = ("constant", "down", "up")
@@ -81,19 +81,11 @@ def transcode(transcoder, z_c, z_u, cfg: float, opts: SamplingOptions, tables: d
         if z_u is not None:
             l_u = transcoder(xf, step, z_u.reshape(B * N, -1)).float() / opts.temperature
             logits = l_u + cfg * (logits - l_u)
-        p0 = p0_from_logits(logits, xf).view(B, N, K)
+        p0 = flip_to_p0(logits, xf).view(B, N, K)
         if j == len(steps) - 1:
             return p0
         post = posterior_one(p0, x, t, steps[j + 1], tables)
         x = draw(post, opts, sample_index, rng.stream(rng.TRANSCODER_STEP, iteration, j))
-
-
-def p0_from_logits(logits: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-    """P(x_0 = 1) from flip logits (transcoder.flip_to_p0), float32. The sigmoid is reference_ops.sigmoid_ref
-    (within 1 ulp of the true one) rather than torch.sigmoid, whose last bit depends on the CPU's vector width: the
-    compiled posterior_step uses the same formula, so every backend gets the same p0 bit for bit."""
-    p_flip = sigmoid_ref(logits)
-    return torch.where(x_t != 0, 1 - p_flip, p_flip)   # = x (1 - p) + (1 - x) p exactly for x in {0, 1}
 
 
 def confidence(p0: torch.Tensor) -> torch.Tensor:

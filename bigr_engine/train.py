@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import _ext, rng
+from . import rng
 from .config import BiGRConfig
 from .errors import BigrError
 from .model import BiGR
-from .transcoder import flip_loss
+from .ops import attention_unavailable, fused_attention
+from .transcoder import flip_loss, have_block_ops
 from .trainstate import Ema, JsonlLog, load_state, lr_at, save_state
 from .transformer import attention_reference
 
@@ -91,12 +92,6 @@ def masked_modeling_loss(model: BiGR, codes: torch.Tensor, labels: torch.Tensor,
     return per_sample / (n_mask.to(per_sample.dtype) * repeat)
 
 
-def fused_attention(qkv, cos, sin):
-    """The extension's rope_attention as the transformer's attn_fn (its log-sum-exp is not needed here)."""
-    from . import ops
-    return ops.rope_attention(qkv, cos, sin)[0]
-
-
 OPS_CHOICES = ("engine", "reference")
 
 
@@ -107,25 +102,15 @@ def attention_for(ops: str, device, head_dim: int):
         raise BigrError(f"ops must be one of {OPS_CHOICES}, got {ops!r}")
     if ops == "reference":
         return attention_reference, None
-    device = torch.device(device)
-    if not _ext.has_op("bigr::rope_attention"):
-        why = _ext.extension_error() or "the extension was built without bigr::rope_attention; rebuild it"
-    elif device.type == "cuda" and not _ext.have_cuda_kernels():
-        why = "the extension was built without CUDA kernels; rebuild it with nvcc present"
-    elif device.type == "cuda" and head_dim not in (64, 128):
-        why = f"the CUDA attention kernels take head dims 64 and 128, this model has {head_dim}"
-    elif device.type not in ("cpu", "cuda"):
-        why = f"the fused ops run on cpu and cuda, not {device.type}"
-    else:
+    why = attention_unavailable(device, head_dim)
+    if why is None:
         return fused_attention, None
     return attention_reference, f"--ops engine falls back to the plain-PyTorch attention: {why}"
 
 
 def transcoder_ops_active(model: BiGR) -> bool:
     """Whether the transcoder will run its fused ops: asked for (use_ops) and present in the loaded extension."""
-    from . import transcoder
-    have = getattr(transcoder, "have_block_ops", lambda: False)
-    return bool(getattr(model.transcoder, "use_ops", False)) and have()
+    return model.transcoder.use_ops and have_block_ops()
 
 
 def sample_classes(num_classes: int, most: int = 8) -> list[int]:
@@ -214,8 +199,7 @@ def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: Tr
     if ops_note and rank == 0:
         warnings.warn(ops_note, RuntimeWarning, stacklevel=2)
     engine_ops = attn_fn is fused_attention
-    if hasattr(model.transcoder, "use_ops"):  # the fused LayerNorm + modulate ops, where the transcoder has them
-        model.transcoder.use_ops = engine_ops
+    model.transcoder.use_ops = engine_ops  # the fused LayerNorm + modulate ops too, where built
     ema = Ema(model, recipe.ema)
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.95))
     start = 0

@@ -4,6 +4,7 @@ Module names match the release's `denoise_mlp.*` keys.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _ext, ops
+from .reference_ops import sigmoid_ref
 from .transformer import modulate
 
 TIME_FEATURES = 256
@@ -37,6 +39,7 @@ class TimestepEmbedder(nn.Module):
 LN_EPS = 1e-6
 
 
+@functools.cache   # fixed once the extension is imported; asked on every block's forward
 def have_block_ops() -> bool:
     """Whether the extension has the fused transcoder-block ops (bigr_engine.ops.ln_modulate, gated_residual)."""
     return _ext.has_op("bigr::ln_modulate") and _ext.has_op("bigr::gated_residual")
@@ -156,9 +159,11 @@ def inference_steps(T: int, S: int) -> list[int]:
 
 
 def flip_to_p0(logits: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-    """P(x_0 = 1) from flip logits: x_t (1 - p_flip) + (1 - x_t) p_flip."""
-    p_flip = torch.sigmoid(logits)
-    return x_t * (1 - p_flip) + (1 - x_t) * p_flip
+    """P(x_0 = 1) from flip logits, float32: x_t (1 - p_flip) + (1 - x_t) p_flip for x_t in {0, 1}. The sigmoid is
+    reference_ops.sigmoid_ref (within 1 ulp of the true one) rather than torch.sigmoid, whose last bit depends on the
+    CPU's vector width: the compiled posterior_step uses the same formula, so every backend gets the same p0."""
+    p_flip = sigmoid_ref(logits)
+    return torch.where(x_t != 0, 1 - p_flip, p_flip)   # the formula above, exactly, for x_t in {0, 1}
 
 
 def posterior_one(p0: torch.Tensor, x_t: torch.Tensor, t: int, t_next: int, tables: dict) -> torch.Tensor:

@@ -12,7 +12,7 @@ from bigr_engine import engine, rng
 from bigr_engine import reference_ops as R
 from bigr_engine._ext import has_op, have_cuda_kernels
 from bigr_engine.sampler import SamplingOptions
-from bigr_engine.transcoder import flip_to_p0, inference_steps, schedule_tables
+from bigr_engine.transcoder import inference_steps, schedule_tables
 
 HAVE_OPS = all(has_op(f"bigr::{op}") for op in ("rng_bits", "rng_uniform", "posterior_step", "unmask_topk"))
 needs_ext = pytest.mark.skipif(not HAVE_OPS, reason="bigr_engine._C not built (or built without the sampling ops)")
@@ -170,7 +170,8 @@ def test_posterior_low_precision_within_torch_error(dtype):
     exact = run_posterior(R.posterior_step_ref, lc, lu, x, tok, si, 1, 0)
     got = run_posterior(ops.posterior_step, lc.to(dtype), lu.to(dtype), x, tok, si, 1, 0)
     lcl, lul = lc.to(dtype) / 0.7, lu.to(dtype) / 0.7
-    torch_lp = flip_to_p0(lul + 2.5 * (lcl - lul), x.view(-1, 16).to(dtype)).float()
+    p_flip, xl = torch.sigmoid(lul + 2.5 * (lcl - lul)), x.view(-1, 16).to(dtype)   # torch's own sigmoid, in dtype
+    torch_lp = (xl * (1 - p_flip) + (1 - xl) * p_flip).float()
     err, torch_err = (got - exact).abs().max(), (torch_lp - exact).abs().max()
     assert 0 < torch_err and err <= torch_err
 
