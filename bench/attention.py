@@ -3,7 +3,7 @@
     python bench/attention.py                                   # CPU, B=8 S=65 H=4 d=64 float32 (a 8x8 BiGR grid)
     python bench/attention.py --device cuda --dtype bfloat16 --batch 64 --seq 1025 --heads 16 --backward
 
-Validates the op against transformer.attention_reference first (exits 1 on a mismatch), then times the backends in
+Validates the op against ops.reference.attention_reference first (exits 1 on a mismatch), then times the backends in
 interleaved rounds (device events on GPU) and reports the median in microseconds and TFLOP/s (4*B*H*S*S*d for the
 forward, 2.5x that for forward + backward), appended to bench/results/<device>/attention.{csv,jsonl}.
 """
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import device_name, time_one, write_results  # noqa: E402  (the one timing/results helper)
 
-from bigr_engine import ops  # noqa: E402
-from bigr_engine.transformer import attention_reference, rope_2d_table  # noqa: E402
+from bigr_engine import ops
+from bigr_engine.ops.reference import attention_reference, rope_2d_table  # noqa: E402
 
 
 def sdpa_only(qkv, cos, sin):

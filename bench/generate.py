@@ -11,9 +11,7 @@ rate, and appended to bench/results/<device>/generate.{csv,jsonl}.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -23,7 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bigr_engine as be  # noqa: E402
+from bigr_engine.sampling import engine  # noqa: E402
+from results_io import append_results  # noqa: E402  (standard library only; tested by python_tests/test_bench_results.py)
 
 PRESETS = {
     "small": dict(dim=256, n_layer=4, n_head=4, bits=16, num_tokens=64, num_classes=10, transcoder_blocks=2, transcoder_dim=256),
@@ -55,22 +56,15 @@ def time_one(fn, device: str, repeats: int) -> list[float]:
 
 
 def write_results(out_root, name: str, rows: list[dict], device: str, argv=None):
-    """Append rows (with date, device, torch version and the command) to <out_root>/<device>/<name>.{csv,jsonl}."""
+    """Append rows (with date, device, torch version and the command) to <out_root>/<device>/<name>.{csv,jsonl}.
+    The CSV keeps one header: new columns widen it and the file is rewritten (results_io.append_results)."""
     out = Path(out_root) / device_name(device)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     command = f"python bench/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for r in rows:
         r.update(date=stamp, device=device_name(device), torch=torch.__version__, command=command)
-    new = not (out / f"{name}.csv").exists()
-    with open(out / f"{name}.csv", "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    with open(out / f"{name}.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    append_results(out, name, rows)   # one schema per CSV: a header that grows is rewritten (bench/results_io.py)
 
 
 BACKENDS = {
@@ -86,8 +80,8 @@ BACKENDS = {
 def generation_flops(cfg, batch: int, iters: int, steps: int, use_cfg: bool, engine: bool) -> float:
     """Matmul FLOPs of one call (2 per multiply-add; attention's QK^T and PV included, embeddings and norms not).
     engine=True counts the work the engine must do (masked tokens only in the transcoder), else the release's."""
-    from bigr_engine.engine import rounds_for
-    from bigr_engine.sampler import SamplingOptions
+    from bigr_engine.sampling.engine import rounds_for
+    from bigr_engine.sampling.options import SamplingOptions
     D, L, N, S = cfg.dim, cfg.n_layer, cfg.num_tokens, cfg.num_tokens + 1
     hidden = cfg.ffn_dim
     per_token_tr = L * (4 * D * D + 3 * D * hidden)          # qkv + wo, SwiGLU feed-forward
@@ -119,15 +113,17 @@ def validate(model, cfg, device: str) -> None:
     99% of bits (a broken op lands near 50%). bfloat16's agreement is printed only: on these random weights most
     logits sit near 0, where bf16 flips many greedy decisions (the bundled trained model keeps 99.7% per round).
     Exits 1 otherwise."""
-    from bigr_engine import engine, sampler
+    from bigr_engine.ops import kernels
+    from bigr_engine.sampling import reference as sampler
+    from bigr_engine.sampling.options import SamplingOptions
     labels = torch.arange(2) % cfg.num_classes
-    opts = sampler.SamplingOptions(greedy=True, iters=4, steps=5)
+    opts = SamplingOptions(greedy=True, iters=4, steps=5)
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = sampler.generate(model, labels, opts)
     plain = torch.equal(engine.generate(model, labels, opts, ops=False, dtype=torch.float32, cuda_graph=False), ref)
     report, ok = [f"engine-torch fp32 {'identical' if plain else 'DIFFERENT'}"], plain
     runs = [("bf16", dict(dtype=torch.bfloat16), 0.0)]
-    if engine.ops_unavailable(model.device) is None:
+    if kernels.choose(model.device).uses("posterior_step"):
         runs.insert(0, ("engine fp32", dict(ops=True, dtype=torch.float32), 0.99))
     for name, kw, floor in runs:
         agree = (engine.generate(model, labels, opts, cuda_graph=False, **kw) == ref).float().mean().item()
@@ -183,7 +179,7 @@ def main(argv=None):
             with torch.autocast(args.device.split(":")[0], dtype=dtype or torch.float32,
                                 enabled=backend == "reference" and dtype is not None):
                 if backend == "engine" and ops is not None:
-                    return be.engine.generate(model, labels, be.sampler.SamplingOptions(
+                    return engine.generate(model, labels, be.SamplingOptions(
                         cfg=args.cfg, iters=args.iters, steps=args.steps), None, False, ops=ops, dtype=dtype,
                         cuda_graph=graph)
                 return model.generate(labels, **kw)

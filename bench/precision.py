@@ -21,7 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import write_results  # noqa: E402
 
 import bigr_engine as be  # noqa: E402
-from bigr_engine import engine, sampler  # noqa: E402
+from bigr_engine.sampling import engine
+from bigr_engine.ops import kernels
+from bigr_engine.sampling import reference as sampler
+from bigr_engine.sampling.options import SamplingOptions
 
 VARIANTS = {  # name: engine.generate keywords
     "engine-torch fp32": dict(ops=False, dtype=torch.float32),
@@ -41,11 +44,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     model, _ = be.load_default(device=args.device)
     labels = torch.arange(args.images) % model.cfg.num_classes
-    variants = {k: v for k, v in VARIANTS.items() if not v.get("ops") or engine.ops_unavailable(model.device) is None}
+    variants = {k: v for k, v in VARIANTS.items() if not v.get("ops") or kernels.choose(model.device).uses("posterior_step")}
     rows = []
     print(f"bundled model, {args.images} images, greedy, {args.steps} steps; fraction of bits equal to the fp32 reference")
     for iters in map(int, args.rounds.split(",")):
-        opts = sampler.SamplingOptions(greedy=True, iters=iters, steps=args.steps)
+        opts = SamplingOptions(greedy=True, iters=iters, steps=args.steps)
         torch.backends.cuda.matmul.allow_tf32 = False
         ref = sampler.generate(model, labels, opts)
         line = []

@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import device_name, time_one, write_results  # noqa: E402
 
-from bigr_engine import ops, rng  # noqa: E402
-from bigr_engine import reference_ops as R  # noqa: E402
-from bigr_engine.transcoder import schedule_tables  # noqa: E402
+from bigr_engine import ops
+from bigr_engine.ops import rng
+from bigr_engine.ops import reference as R  # noqa: E402
+from bigr_engine.models.transcoder import schedule_tables  # noqa: E402
 
 
 def copy_bandwidth(device: str, repeats: int) -> float:

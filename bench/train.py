@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import PRESETS, device_name, time_one, write_results  # noqa: E402  (the one timing/results helper)
 
 import bigr_engine as be  # noqa: E402
-from bigr_engine.train import attention_for, masked_modeling_loss, param_groups, transcoder_ops_active  # noqa: E402
-from bigr_engine.trainstate import Ema  # noqa: E402
+from bigr_engine.train.bigr import kernels_for, masked_modeling_loss, param_groups  # noqa: E402
+from bigr_engine.train.state import Ema  # noqa: E402
 
 
 class Trainer:
@@ -33,9 +33,7 @@ class Trainer:
 
     def __init__(self, model, ops: str, device, autocast_dtype, repeat: int):
         self.model = copy.deepcopy(model).train()
-        self.attn_fn, self.note = attention_for(ops, device, model.cfg.head_dim)
-        if hasattr(self.model.transcoder, "use_ops"):  # the fused LayerNorm + modulate ops, where present
-            self.model.transcoder.use_ops = self.note is None and ops == "engine"
+        self.kernels, self.note = kernels_for(ops, device, autocast_dtype or torch.float32, model.cfg.head_dim)
         self.opt = torch.optim.AdamW(param_groups(self.model, 0.02), lr=1e-4, betas=(0.9, 0.95))
         self.ema = Ema(self.model, 0.9999)
         self.device_type = torch.device(device).type
@@ -45,7 +43,7 @@ class Trainer:
     def loss(self, codes, labels, index, key: int):
         with torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return masked_modeling_loss(self.model, codes, labels, index, seed=0, step=key, repeat=self.repeat,
-                                        attn_fn=self.attn_fn)
+                                        kernels=self.kernels)
 
     def step(self, codes, labels, index, key: int):
         self.loss(codes, labels, index, key).mean().backward()
@@ -123,7 +121,7 @@ def main(argv=None):
     for name, t in trainers.items():
         med = statistics.median(times[name])
         rows.append(dict(backend=name, attention="fused" if t.note is None and name == "engine" else "reference",
-                         transcoder_ops=transcoder_ops_active(t.model), preset=args.preset, dtype=dtype_name, batch=B, repeat=args.repeat,
+                         transcoder_ops=t.kernels.fused_blocks, preset=args.preset, dtype=dtype_name, batch=B, repeat=args.repeat,
                          threads=torch.get_num_threads(), ms_per_step=1e3 * med, images_per_s=B / med, peak_mib=peak,
                          max_rel_loss_diff=rel))
         print(f"  {name:10s} {1e3 * med:9.1f} ms/step  {B / med:8.1f} images/s  "

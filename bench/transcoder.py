@@ -4,7 +4,7 @@
     python bench/transcoder.py --device cuda --dtype bfloat16 --rows 16384 --dim 1024 --backward
 
 Cases: `ln_modulate` (F.layer_norm + modulate vs the fused op), `gated_residual` (x + gate * h vs the op) and `block`
-(one transcoder ResBlock, use_ops off vs on, its linear layers included). Validates each op against the composite in
+(one transcoder ResBlock, fused kernels off vs on, its linear layers included). Validates each op against the composite in
 float64 first (exits 1 on a mismatch), then times the two sides in interleaved rounds (device events on GPU) and
 reports the median in microseconds, appended to bench/results/<device>/transcoder.{csv,jsonl}.
 """
@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import device_name, time_one, write_results  # noqa: E402  (the one timing/results helper)
 
-from bigr_engine import ops  # noqa: E402
-from bigr_engine.transcoder import LN_EPS, ResBlock, have_block_ops, ln_modulate_plain  # noqa: E402
+from bigr_engine import ops
+from bigr_engine.models.transcoder import LN_EPS, ResBlock, ln_modulate_plain  # noqa: E402
+from bigr_engine.ops import loader  # noqa: E402
 
 
 def max_err(a, b):
@@ -41,7 +42,7 @@ def main(argv=None):
     ap.add_argument("--per-round", type=int, default=20)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    if not have_block_ops():
+    if not (loader.has_op("bigr::ln_modulate") and loader.has_op("bigr::gated_residual")):
         sys.exit("error: the extension lacks the transcoder ops; rebuild with: pip install --no-build-isolation -e .")
 
     if args.threads:
@@ -74,10 +75,9 @@ def main(argv=None):
     if not ok:
         sys.exit(1)
 
-    def run_block(use_ops):
+    def run_block(fused):
         def fn(a):
-            block.use_ops = use_ops
-            return block(a, c)
+            return block(a, c, fused)
         return fn
 
     cases = {

@@ -5,15 +5,15 @@
     bae = be.load_bae("binaryae_ema_1000000.th")
     images = bae.decode(model.generate([207, 360], seed=0))
 """
-from ._version import __version__
-from .bae import BinaryAutoencoder
-from .default_model import load_default
-from .config import BAEConfig, BiGRConfig, bae_preset, bigr_preset
-from .errors import BigrError, CheckpointError
-from .loading import check_pair, convert, load_bae, load_bigr, save_model
-from .model import BiGR
+from bigr_engine._version import __version__
+from bigr_engine.errors import BigrError, CheckpointError
+from bigr_engine.io.checkpoints import check_pair, convert, load_bae, load_bigr, save_model
+from bigr_engine.io.default import load_default
+from bigr_engine.models.config import BAEConfig, BiGRConfig, bae_preset, bigr_preset
+from bigr_engine.models.tokenizer import BinaryAutoencoder
+from bigr_engine.sampling import BiGR, SamplingOptions
 
 __all__ = [
-    "__version__", "BiGR", "BiGRConfig", "BinaryAutoencoder", "BAEConfig", "BigrError", "CheckpointError",
+    "__version__", "BiGR", "SamplingOptions", "BiGRConfig", "BinaryAutoencoder", "BAEConfig", "BigrError", "CheckpointError",
     "bigr_preset", "bae_preset", "load_default", "load_bigr", "load_bae", "save_model", "convert", "check_pair",
 ]

@@ -1,4 +1,5 @@
-"""`python -m bigr_engine.info`: what was built and what this machine can run."""
+"""`python -m bigr_engine.info [--selftest]`: what was built and what this machine can run; with --selftest, each
+compiled op against its plain-PyTorch twin on every visible device, and the kernels the engine would use."""
 from __future__ import annotations
 
 import platform
@@ -66,8 +67,8 @@ def _gpu_line(archs: str | None) -> str:
 
 
 def report() -> str:
-    from ._version import __version__
-    from ._ext import build_info, extension_error, have_extension
+    from bigr_engine._version import __version__
+    from bigr_engine.ops.loader import build_info, extension_error, have_extension
     b = build_info() if have_extension() else {}
     lines = [
         f"bigr-engine {__version__}",
@@ -85,7 +86,7 @@ def report() -> str:
     else:
         lines.append("cuda kernels not built")
     try:
-        from . import ops  # noqa: F401  (registers the fake kernels)
+        from bigr_engine import ops  # noqa: F401  (registers the fake kernels)
     except Exception as e:  # a broken ops.py must not hide the rest of the report
         lines.append(f"fake kernels NOT registered: bigr_engine.ops failed to import: {type(e).__name__}: {e}")
     lines.append("ops:")
@@ -93,8 +94,31 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def selftest_report(devices=None) -> str:
+    """The self-test table of every built op on each device (CPU and every visible GPU), and the kernel choice."""
+    from bigr_engine.ops import kernels, selftest
+    from bigr_engine.ops.loader import have_extension
+    if not have_extension():
+        return "self-test: nothing to test, the extension is not loaded"
+    if devices is None:
+        devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    out = []
+    for dev in devices:
+        dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if dev.startswith("cuda") else [])
+        results = [r for dt in dtypes for r in selftest.run_all(dev, dt)]
+        out += [f"self-test on {dev}:", selftest.table(results),
+                kernels.choose(dev, torch.bfloat16 if dev.startswith("cuda") else torch.float32).describe(), ""]
+    return "\n".join(out).rstrip()
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m bigr_engine.info", description=__doc__.splitlines()[0])
+    ap.add_argument("--selftest", action="store_true", help="run every compiled op against its twin on each device")
+    args = ap.parse_args(argv)
     print(report())
+    if args.selftest:
+        print(selftest_report())
     return 0
 
 

@@ -1,7 +1,14 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 import bigr_engine as be
+
+# Outputs of the authors' released code on small random-weight models (see its README): part of the repository, so
+# every clone runs the release-parity tests.
+RELEASE_PARITY = Path(__file__).resolve().parent / "fixtures" / "release-parity"
+assert (RELEASE_PARITY / "bigr_dev_official_io.pt").is_file(), f"the release-parity fixtures are missing: {RELEASE_PARITY}"
 
 
 @pytest.fixture(scope="module")

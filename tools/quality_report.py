@@ -28,6 +28,7 @@ then see real and generated images through the same code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,9 +44,9 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bigr_engine import fashion_mnist as fm  # noqa: E402
-from bigr_engine import representations as reps  # noqa: E402
-from bigr_engine.default_model import load_default  # noqa: E402
+from bigr_engine.train import fashion_mnist as fm  # noqa: E402
+from bigr_engine.apps import representations as reps  # noqa: E402
+from bigr_engine.io.default import load_default  # noqa: E402
 from bigr_engine.errors import BigrError  # noqa: E402
 
 ORDERS = ("entropy", "random", "raster")
@@ -165,8 +166,7 @@ def generate_chunks(work: Path, model, bae, order: str, n_chunks: int, seed: int
     for c in tqdm(todo, desc=f"generate {order} ({backend})", unit="chunk"):
         idx = torch.arange(c * CHUNK, (c + 1) * CHUNK)
         with torch.no_grad():
-            codes = model.generate(idx % 10, sample_index=idx, seed=seed, backend=backend, order=order,
-                                   **model.default_sampling)
+            codes = model.generate(idx % 10, sample_index=idx, seed=seed, backend=backend, order=order)   # its tuned defaults
             images = bae.decode(codes)
         save_npy(folder / f"chunk_{c:04d}.npy", generated_to_gray28(images))
     images = np.concatenate([np.load(folder / f"chunk_{c:04d}.npy") for c in range(n_chunks)])
@@ -435,7 +435,7 @@ def main(argv=None) -> int:
         "model": "bundled default (bigr_engine.load_default)", "class_names": model.class_names,
         "command": "python tools/quality_report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - t0, 1), "threads": a.threads,
-        "sampling": model.default_sampling, "seed": a.seed,
+        "sampling": dataclasses.asdict(model.default_sampling), "seed": a.seed,
         "image_space": "28x28 uint8; generated: fashion_mnist.to_gray28 (channel mean, crop pad) then round(255 x)",
         "classifier": {"arch": "SmallCNN (2 conv + 2 linear)", "epochs": a.classifier_epochs, "real_test_acc": clf_acc,
                        "bae_reconstructions_acc": recon_acc, "target_on_samples": 0.8},

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 import bigr_engine as be
-from bigr_engine import fashion_mnist as fm
-from bigr_engine.codes_dataset import CodesDataset, encode_dataset
-from bigr_engine.train import TrainRecipe, train
-from bigr_engine.train_tokenizer import TokenizerRecipe, train_tokenizer
+from bigr_engine.train import fashion_mnist as fm
+from bigr_engine.train.codes_dataset import CodesDataset, encode_dataset
+from bigr_engine.train.bigr import TrainRecipe, train
+from bigr_engine.train.tokenizer import TokenizerRecipe, train_tokenizer
 
 ASSETS = Path(be.__file__).parent / "assets"
 BAE = be.BAEConfig(nf=32, ch_mult=[1, 2, 2], res_blocks=1, attn_resolutions=[], emb_dim=64, codebook_size=16, img_size=32)

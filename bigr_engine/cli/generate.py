@@ -1,0 +1,114 @@
+"""`bigr generate`, `bigr convert` and `bigr info`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bigr_engine.cli.common import (add_model_and_sampling_flags, check_out_dir,
+                                    load_models, pick_device, positive_int, sampling_from_args)
+from bigr_engine.errors import BigrError
+from bigr_engine.models.classes import resolve_classes
+
+
+def cmd_generate(args) -> int:
+    from tqdm.auto import tqdm
+
+    import bigr_engine as be
+    from bigr_engine.io.files import write_files_atomic
+    from bigr_engine.io.images import decode_to_uint8, make_grid, png_bytes
+    out = Path(args.out)
+    check_out_dir(out)
+    device = pick_device(args.device)
+    model, bae = load_models(args, device)
+    be.check_pair(model, bae)
+    ids = resolve_classes(args.classes, model)
+    sampling = sampling_from_args(args, model)
+    labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(args.per_class)
+    n = len(labels)
+    chunks = []
+    with tqdm(total=n, desc="generate", unit="img", disable=args.quiet) as bar:
+        for lo in range(0, n, args.batch_size):
+            batch = labels[lo:lo + args.batch_size]
+            # Sample i of the run is keyed by (seed, i): the batch size does not change any image.
+            codes = model.generate(batch, seed=args.seed, sample_index=torch.arange(lo, lo + len(batch)), **sampling)
+            # decoded in index-aligned groups, as sample-many does: the same (seed, i) gives the same pixels
+            chunks.append(decode_to_uint8(bae, codes, lo))
+            bar.update(len(batch))
+    images = np.concatenate(chunks)
+    nrow = args.nrow or (args.per_class if args.per_class > 1 else min(8, n))
+    files = {out / f"{i:05d}_{int(c)}.png": png_bytes(img) for i, (img, c) in enumerate(zip(images, labels))}
+    files[out / "grid.png"] = png_bytes(make_grid(images, nrow))
+    write_files_atomic(files)  # only now, after everything succeeded, do files appear in --out
+    print(f"wrote {n} images ({images.shape[2]}x{images.shape[1]}) to {out}/ and the grid {out / 'grid.png'}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import bigr_engine as be
+    dst = Path(args.dst)
+    if dst.is_dir():
+        raise BigrError(f"DST {dst} is an existing folder; pass the path of the .safetensors file to write, "
+                        f"e.g. {dst / (Path(args.src).stem + '.safetensors')}")
+    if dst.suffix != ".safetensors":
+        dst = dst.with_suffix(".safetensors")
+    if dst.is_dir():
+        raise BigrError(f"{dst} is an existing folder; pass the path of the .safetensors file to write")
+    check_out_dir(dst.parent, "DST folder")
+    overrides = {}
+    if args.img_size:
+        from bigr_engine.io.checkpoints import detect_kind
+        if detect_kind(args.src) != "bae":
+            raise BigrError(f"--img-size applies to B-AE tokenizers only, but {args.src} is a BiGR model; leave it out")
+        overrides["img_size"] = args.img_size
+    written = be.convert(args.src, dst, **overrides)
+    print(f"wrote {written} and {written.with_suffix('.json')}")
+    return 0
+
+
+def _versions() -> str:
+    import platform
+
+    from bigr_engine import __version__
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
+    return "\n".join([f"bigr-engine {__version__}", f"python      {platform.python_version()}",
+                      f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+                      f"numpy       {np.__version__}", f"gpu         {gpu}"])
+
+
+def cmd_info(args) -> int:
+    try:
+        from bigr_engine.info import main as info_main
+    except ImportError:  # the build report is not available: print what we can
+        print(_versions())
+        return 0
+    return int(info_main(['--selftest'] if args.selftest else []) or 0)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="class-conditional generation to PNGs and a grid",
+                       description="Generate --per-class images for each class and write DIR/{index:05d}_{class}.png plus "
+                                   "DIR/grid.png, only once all of them succeeded. Image i depends only on the seed, i, "
+                                   "its class and the sampling options (not on --batch-size, in float32). Without --ckpt/--bae the "
+                                   "bundled default model is used, with its tuned sampling settings.")
+    add_model_and_sampling_flags(p, "e.g. 207,tabby (ImageNet names for 1000-class models; default: a few classes "
+                                    "spread over the range)")
+    p.add_argument("--per-class", type=positive_int, default=1, help="images per class (default 1)")
+    p.add_argument("--out", default="samples", metavar="DIR", help="output folder: DIR/{index:05d}_{class}.png and DIR/grid.png "
+                   "(default samples)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call; in float32 it does not change the images (bfloat16 matmuls on a GPU may round differently per batch size: pass --dtype float32 where that matters)")
+    p.add_argument("--nrow", type=positive_int, help="images per row of the grid (default: --per-class if > 1, else up to 8)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="released checkpoint -> safetensors + JSON config")
+    p.add_argument("src", metavar="SRC", help="released BiGR .pt or B-AE .th (or one of our .safetensors); the kind is read off the keys")
+    p.add_argument("dst", metavar="DST", help="output .safetensors path (a .json config is written beside it)")
+    p.add_argument("--img-size", type=positive_int, help="B-AE image size when it cannot be read off the weights")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="versions, build, kernels and ops")
+    p.add_argument("--selftest", action="store_true", help="run every compiled op against its twin on each device")
+    p.set_defaults(func=cmd_info)

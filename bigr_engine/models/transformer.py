@@ -1,0 +1,127 @@
+"""The bidirectional Llama backbone of BiGR (spec section 2), in plain PyTorch.
+
+Parameter names match the released checkpoints, so `load_state_dict` takes their `ema` dict as is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigr_engine.models.config import BiGRConfig
+from bigr_engine.ops.reference import attention_reference, modulate, rope_2d_table
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # The release normalises in float32 and casts back before the weight.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BiGRConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, attn_fn=attention_reference):
+        qkv = self.wqkv(x).unflatten(-1, (3, self.n_head, -1))
+        return self.wo(attn_fn(qkv, cos, sin))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: BiGRConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BiGRConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.use_adaln:
+            self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, cfg.dim))
+
+    def forward(self, x, ada, cos, sin, attn_fn=attention_reference):
+        if ada is None:
+            h = x + self.attention(self.attention_norm(x), cos, sin, attn_fn)
+            return h + self.feed_forward(self.ffn_norm(h))
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (ada + self.ada_gss).unbind(2)
+        h = x + gate_a * self.attention(modulate(self.attention_norm(x), shift_a, scale_a), cos, sin, attn_fn)
+        return h + gate_f * self.feed_forward(modulate(self.ffn_norm(h), shift_f, scale_f))
+
+
+class ClassEmbedding(nn.Module):
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,) class ids, or (B, num_classes+1) weights over the table rows -> (B, 1, D)."""
+        if labels.is_floating_point():
+            return (labels.to(self.embedding_table.weight.dtype) @ self.embedding_table.weight)[:, None]
+        return self.embedding_table(labels)[:, None]
+
+
+class Transformer(nn.Module):
+    """Sequence [condition token, N image tokens] -> per-token features."""
+
+    def __init__(self, cfg: BiGRConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim)
+        self.tok_embeddings = nn.Linear(cfg.bits, cfg.dim, bias=True)
+        self.mask_tok = nn.Parameter(torch.zeros(1, cfg.dim))
+        if cfg.use_adaln:
+            self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
+        self.rope_cond_quirk = True
+        self._rope = None
+
+    def rope(self, device):
+        if self._rope is None or self._rope[0].device != torch.device(device):
+            self._rope = rope_2d_table(self.cfg.grid, self.cfg.head_dim, self.cfg.rope_base, self.rope_cond_quirk, device)
+        return self._rope
+
+    def embed(self, codes, mask, labels):
+        """(B,N,K) codes, (B,N) bool mask (True = masked), labels -> sequence (B,1+N,D) and adaLN input."""
+        e = self.cls_embedding(labels)
+        w = self.tok_embeddings.weight
+        tok = self.tok_embeddings(codes.to(w.dtype))
+        if mask is not None:
+            tok = torch.where(mask[..., None], self.mask_tok.to(tok.dtype), tok)
+        x = torch.cat([e.to(tok.dtype), tok], dim=1)
+        ada = self.adaLN(e).unflatten(-1, (6, -1)) if self.cfg.use_adaln else None
+        return x, ada
+
+    def forward(self, codes, mask, labels, last_layer: int | None = None, attn_fn=attention_reference):
+        """Run blocks 0..last_layer (all when None); returns the raw residual stream (B,1+N,D)."""
+        x, ada = self.embed(codes, mask, labels)
+        cos, sin = self.rope(x.device)
+        stop = self.cfg.n_layer - 1 if last_layer is None else last_layer
+        for layer in self.layers[: stop + 1]:
+            x = layer(x, ada, cos, sin, attn_fn)
+        return x
+
+    def conditions(self, codes, mask, labels, attn_fn=attention_reference):
+        """The transcoder's per-token conditions z (B,N,D): final norm, drop the condition token, add the position table."""
+        x = self.norm(self.forward(codes, mask, labels, attn_fn=attn_fn))
+        return x[:, 1:] + self.diffusion_pos_embed_learned
