@@ -67,12 +67,13 @@ for d in ("cpu", dev):
     res.append((codes.cpu(), mask.cpu()))
 check("unmask_topk", torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1]))
 
-# rope_attention forward + backward (d 64 and 128, odd S), against the float64 reference
-for dtype, d, S in ((torch.float32, 64, 17), (torch.bfloat16, 64, 65), (torch.float16, 128, 26)):
-    G = round((S - 1) ** 0.5)
-    cos, sin = rope_2d_table(G, d, device=dev) if G * G + 1 == S else (torch.randn(S, d // 2, device=dev),
-                                                                       torch.randn(S, d // 2, device=dev))
-    qkv = torch.randn(2, S, 3, 3, d, generator=g).to(dev, dtype).requires_grad_()
+# rope_attention forward + backward against the float64 reference: S in {1, 64, 65, 129, 257} x d in {64, 128} x
+# {bf16, fp16} (and float32 at one shape), plus a strided qkv view (a slice of a wider projection) and an unaligned
+# one (storage offset by one element).
+def attention_case(name, leaf, view, cos, sin, dtype):
+    """view(leaf) is the (B, S, 3, H, d) qkv the op sees; view(leaf.grad) is its gradient."""
+    leaf.requires_grad_()
+    qkv = view(leaf)
     out = ops.rope_attention(qkv, cos, sin)[0]
     go = torch.randn_like(out)
     out.backward(go)
@@ -80,10 +81,32 @@ for dtype, d, S in ((torch.float32, 64, 17), (torch.bfloat16, 64, 65), (torch.fl
     ref = R.rope_attention_ref(q64, cos.double(), sin.double())[0]
     ref.backward(go.double())
     e_out = ((out.double() - ref).norm() / ref.norm()).item()
-    e_grad = ((qkv.grad.double() - q64.grad).norm() / q64.grad.norm()).item()
+    e_grad = ((view(leaf.grad).double() - q64.grad).norm() / q64.grad.norm()).item()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    check(f"rope_attention {str(dtype)[6:]} d={d} S={S}", e_out < tol and e_grad < tol,
-          f"rel err out {e_out:.2e} grad {e_grad:.2e}")
+    check(f"rope_attention {name}", e_out < tol and e_grad < tol, f"rel err out {e_out:.2e} grad {e_grad:.2e}")
+
+
+def tables(S, d):
+    G = round((S - 1) ** 0.5)
+    if G * G + 1 == S and G > 0:
+        return rope_2d_table(G, d, device=dev)
+    return torch.randn(S, d // 2, device=dev), torch.randn(S, d // 2, device=dev)
+
+
+shapes = [(torch.float32, 64, 17)] + [(dt, d, S) for dt in (torch.bfloat16, torch.float16) for d in (64, 128)
+                                     for S in (1, 64, 65, 129, 257)]
+for dtype, d, S in shapes:
+    cos, sin = tables(S, d)
+    attention_case(f"{str(dtype)[6:]} d={d} S={S}", torch.randn(2, S, 3, 3, d, generator=g).to(dev, dtype),
+                   lambda x: x, cos, sin, dtype)
+for dtype in (torch.bfloat16, torch.float32):
+    d, S = 64, 65
+    cos, sin = tables(S, d)
+    wide = torch.randn(2, S, 3 * 3 * d + 8, generator=g).to(dev, dtype)      # a projection with extra columns
+    attention_case(f"strided view {str(dtype)[6:]}", wide, lambda x: x[..., : 3 * 3 * d].unflatten(-1, (3, 3, d)),
+                   cos, sin, dtype)
+    flat = torch.randn(2 * S * 3 * 3 * d + 1, generator=g).to(dev, dtype)     # storage offset of one element
+    attention_case(f"unaligned view {str(dtype)[6:]}", flat, lambda x: x[1:].view(2, S, 3, 3, d), cos, sin, dtype)
 
 # ln_modulate forward + backward, gated_residual
 for dtype in (torch.float32, torch.bfloat16):

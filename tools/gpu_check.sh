@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one call on a lent GPU (the device tool runs it in the repository root):
 #   run(command="bash tools/gpu_check.sh", timeout_s=590)
-# Builds the extension for the GPU's arch, runs the CUDA tests, compute-sanitizer memcheck and racecheck over every
+# Builds the extension for the GPU's arch, runs the device self-test (python -m bigr_engine.info --selftest), every
+# `bigr` command end to end on CUDA on tiny inputs (tools/gpu_cli_smoke.sh), the CUDA tests, compute-sanitizer memcheck and racecheck over every
 # kernel (tools/cuda_smoke.py), and the benchmarks at the shapes. Logs and bench CSVs go to $OUT (the device
 # tool fetches them; copy bench rows into bench/results/<device>/ and commit). A short summary is printed last.
 # STEPS="build tests bench_generate" runs a subset; each step has its own time limit.
@@ -10,7 +11,7 @@ OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT/results"
 PY="${PYTHON:-python3}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")')}"
-STEPS="${STEPS:-build info smoke tests memcheck racecheck bench_sampling bench_attention bench_attention_bwd bench_transcoder bench_generate bench_train}"
+STEPS="${STEPS:-build info selftest smoke cli tests memcheck racecheck bench_sampling bench_attention bench_attention_bwd bench_transcoder bench_generate bench_train}"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
@@ -26,7 +27,9 @@ step() {  # step NAME LIMIT_S CMD...
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 step build 300 $PY -m pip install --no-build-isolation --no-deps -e .
 step info 60 $PY -m bigr_engine.info
+step selftest 60 $PY -m bigr_engine.info --selftest
 step smoke 120 $PY tools/cuda_smoke.py
+step cli 300 env DEVICE=cuda bash tools/gpu_cli_smoke.sh
 step tests 300 $PY -m pytest python_tests -m cuda -q -x -p no:cacheprovider
 step memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/cuda_smoke.py
 step racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 $PY tools/cuda_smoke.py

@@ -1,6 +1,7 @@
 """Model hyper-parameters, the released presets, and inference of a config from a state dict.
 
-The spec (shared/spec/bigr-reference.md, sections 1, 6 and 7) is the source of every number here.
+The BiGR reference spec (sections 1, 6 and 7: model sizes, tokenizer, checkpoint layout) is the source of every
+number here.
 """
 from __future__ import annotations
 
