@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigr_engine.models.config import BAEConfig
+from bigr_engine.models.init import embedding
 from bigr_engine.errors import BigrError
 
 
@@ -124,7 +125,7 @@ class BinaryQuantizer(nn.Module):
     def __init__(self, cfg: BAEConfig):
         super().__init__()
         self.proj = nn.Sequential(nn.Conv2d(cfg.emb_dim, cfg.codebook_size, 1))
-        self.embed = nn.Embedding(cfg.codebook_size, cfg.emb_dim)
+        self.embed = embedding(cfg.codebook_size, cfg.emb_dim)
 
     def probs(self, h):
         return torch.sigmoid(self.proj(h))            # (B, K, G, G)

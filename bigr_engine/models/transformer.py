@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigr_engine.models.config import BiGRConfig
+from bigr_engine.models.init import embedding
 from bigr_engine.ops.reference import attention_reference, modulate, rope_2d_table
 
 
@@ -70,7 +71,7 @@ class Block(nn.Module):
 class ClassEmbedding(nn.Module):
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+        self.embedding_table = embedding(num_classes + 1, dim)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         """labels (B,) class ids, or (B, num_classes+1) weights over the table rows -> (B, 1, D)."""
