@@ -42,9 +42,12 @@ def make_qkv(B, S, H, d, seed, dtype=torch.float32, device="cpu", scale=1.0):
 
 
 def poison(device):
-    """Leave NaNs in freed memory so that an output element the kernels forget to write shows up."""
-    junk = torch.full((1 << 22,), float("nan"), device=device)
-    del junk
+    """On CUDA, leave NaNs in the caching allocator's freed blocks, which it hands to the next allocation of a fitting
+    size, so that an output element a kernel forgets to write shows up as NaN. The CPU allocator promises no such
+    reuse, so there nothing is done: the comparisons with the reference (and isfinite) carry the check."""
+    if torch.device(device).type == "cuda":
+        junk = torch.full((1 << 22,), float("nan"), device=device)
+        del junk
 
 
 def check_close(ours, same_dtype_ref, oracle, dtype, what, factor=3.0):

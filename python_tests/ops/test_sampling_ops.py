@@ -8,6 +8,7 @@ Output buffers are poisoned (NaN / 0xFF / 3) before every kernel writes them.
 import pytest
 import torch
 
+from bigr_engine.ops import kernels
 from bigr_engine.sampling import engine
 from bigr_engine.ops import rng
 from bigr_engine.ops import reference as R
@@ -202,27 +203,6 @@ class FakeTranscoder:
         return ((x.to(self.dtype) - 0.5) @ self.w + c[:, : self.K].to(self.dtype) * 3)
 
 
-def transcode_with_ops(tr, cz, temb, steps, cfg, use_cfg, opts, tabs, sample_index, iteration, idx):
-    """engine.transcode_masked with posterior_step: the loop engine.py can use (x ping-pongs between two buffers)."""
-    from bigr_engine import ops
-    B, n = idx.shape
-    K = tr.K
-    counters = idx[..., None] * K + torch.arange(K)
-    x = engine._draw_at(torch.full((B, n, K), 0.5), opts, sample_index, rng.stream(rng.TRANSCODER_INIT, iteration),
-                        counters)
-    x_next, p0 = torch.empty_like(x), torch.empty(B, n, K)
-    branches = 2 if use_cfg else 1
-    for j, t in enumerate(steps):
-        logits = tr.forward_with_condition(x.reshape(B * n, K).repeat(branches, 1), cz + temb[j])
-        l_c, l_u = logits.chunk(2) if use_cfg else (logits, None)
-        last = j == len(steps) - 1
-        ops.posterior_step(l_c, l_u, x, p0 if last else x_next, cfg, opts.temperature, t, 0 if last else steps[j + 1],
-                           tabs["k_final"], tabs["b_final"], tabs["beta"], opts.seed, sample_index,
-                           rng.stream(rng.TRANSCODER_STEP, iteration, j), idx, opts.greedy)
-        x, x_next = x_next, x
-    return p0
-
-
 @needs_ext
 @pytest.mark.parametrize("kw", [dict(), dict(greedy=True), dict(temperature=0.6, seed=3), dict(cfg=1.0, steps=7),
                                 dict(steps=1), dict(steps=256, seed=2**35)], ids=str)
@@ -241,7 +221,8 @@ def test_posterior_loop_equals_engine_transcode(monkeypatch, kw, dtype):
     idx = positions(B, n, 25, g)
     si = torch.tensor([4, 0, 9])
     tr = FakeTranscoder(K, hidden, dtype)
-    got = transcode_with_ops(tr, cz, temb, steps, opts.cfg, use_cfg, opts, TABLES, si, 3, idx)
+    got = engine.transcode_masked_ops(tr, cz, temb, steps, opts.cfg, use_cfg, opts, TABLES, si, 3, idx, K,
+                                      kernels.choose("cpu"))   # the engine's own loop, not a copy of it
     monkeypatch.setattr(torch, "sigmoid", R.sigmoid_ref)
     want = engine.transcode_masked(tr, cz, temb, steps, opts.cfg, use_cfg, opts, TABLES, si, 3,
                                    idx[..., None] * K + torch.arange(K))

@@ -101,7 +101,7 @@ def test_batch_bucket():
 
 @pytest.mark.parametrize("kw", [dict(gumbel=0.5), dict(greedy=True), dict(deterministic=True, cfg=1.0)], ids=str)
 @pytest.mark.parametrize("dev", [pytest.param("cuda", marks=needs_cuda)])
-def test_cuda_equals_cpu_float32(model, kw, dev):
+def test_cuda_equals_cpu_float32(model, kw, dev, monkeypatch):
     """Backend-independent samples: fp32 CUDA (ops, eager and CUDA graph) gives the CPU's codes."""
     args = dict(iters=6, steps=7, cfg=2.5, seed=3)
     args.update(kw)
@@ -110,7 +110,7 @@ def test_cuda_equals_cpu_float32(model, kw, dev):
     gpu = be.BiGR(model.cfg).eval()
     gpu.load_state_dict(model.state_dict())
     gpu = gpu.to(dev)
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # restored after the test
     eager = gpu.generate(labels, dtype="float32", cuda_graph=False, **args).cpu()
     graphed = gpu.generate(labels, dtype="float32", cuda_graph=True, **args).cpu()
     graphed_again = gpu.generate(labels.flip(0), dtype="float32", cuda_graph=True, **args).cpu()

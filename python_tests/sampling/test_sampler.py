@@ -95,8 +95,12 @@ def test_class_weights_interpolation(tiny):
     b = tiny.generate([2, 3], greedy=True, **KW)
     assert torch.equal(a, b)
     mix = 0.5 * onehot[0] + 0.5 * onehot[1]
+    table = tiny.transformer.cls_embedding.embedding_table.weight
+    with torch.no_grad():
+        assert torch.allclose(tiny.transformer.cls_embedding(mix[None])[0, 0], 0.5 * (table[2] + table[3]), atol=1e-6)
     c = tiny.generate(mix[None], greedy=True, **KW)
     assert c.shape == (1, 36, 8)
+    assert not torch.equal(c[0], a[0]) and not torch.equal(c[0], a[1])   # the mixed condition reaches the samples
 
 
 @pytest.mark.parametrize("opt", [dict(cfg_schedule="linear"), dict(gumbel_schedule="down", gumbel=1.0),
