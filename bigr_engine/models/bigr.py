@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bigr_engine.models.classes import class_ids
 from bigr_engine.models.config import BiGRConfig
 from bigr_engine.errors import BigrError
 from bigr_engine.models.transcoder import Transcoder, schedule_tables
@@ -33,6 +34,11 @@ class BiGRNetwork(nn.Module):
 
     # ---- checks on user input -------------------------------------------------------------
     def check_labels(self, labels) -> torch.Tensor:
+        """Class ids, class names (["Sneaker", "Bag"], as the CLI takes them), or (B, C+1) class weights."""
+        if isinstance(labels, str):
+            labels = [labels]
+        if isinstance(labels, (list, tuple)) and any(isinstance(x, str) for x in labels):
+            labels = class_ids(labels, self)
         labels = torch.as_tensor(labels, device=self.device)
         if labels.is_floating_point():
             if labels.dim() != 2 or labels.shape[1] != self.cfg.num_classes + 1:

@@ -91,3 +91,20 @@ def resolve_classes(text: str | None, model) -> list[int]:
             raise BigrError(f"unknown class name {part!r}: this model carries no class names; pass ids 0..{C - 1}")
         ids.append(c)
     return ids
+
+
+def class_ids(labels, model) -> list[int]:
+    """A sequence of class ids and/or names (the API's form: ["Sneaker", 3]) -> ids, with the same checks and
+    messages as `resolve_classes`; a name may itself contain commas (ImageNet's synonym lines)."""
+    names = class_names(model)
+    lookup = _class_lookup(names) if names else None
+    C = model.cfg.num_classes
+    ids = []
+    for item in labels:
+        if isinstance(item, str) and not item.strip().lstrip("+-").isdigit():
+            if not names:
+                raise BigrError(f"unknown class name {item!r}: this model carries no class names; pass ids 0..{C - 1}")
+            ids.append(_name_to_id(item.strip(), names, lookup))
+        else:
+            ids.append(int(item))
+    return ids

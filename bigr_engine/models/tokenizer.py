@@ -160,6 +160,7 @@ class BinaryAutoencoder(nn.Module):
         p = self.quantize.probs(self.encoder(images.to(self.quantize.embed.weight.dtype)))
         return p.flatten(2).transpose(1, 2)
 
+    @torch.no_grad()
     def encode(self, images: torch.Tensor, deterministic: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """-> (B,N,K) uint8 codes: p > 0.5, or Bernoulli(p) draws when deterministic=False."""
         p = self.encode_probs(images)
@@ -175,8 +176,10 @@ class BinaryAutoencoder(nn.Module):
         bits = p + (bits - p).detach()
         return self.generator(self.quantize.embed_bits(bits)), p
 
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """(B,N,K) 0/1 codes -> (B,3,H,W) images in [0,1] (clamped unless clamp=False)."""
+        """(B,N,K) 0/1 codes -> (B,3,H,W) images in [0,1] (clamped unless clamp=False): a plain tensor (codes are
+        discrete, so there is no gradient to keep; training goes through `reconstruct`)."""
         if codes.dim() != 3 or codes.shape[-1] != self.bits:
             raise BigrError(f"codes must be (B, N, {self.bits}) for this {self.bits}-bit tokenizer, got shape {tuple(codes.shape)}")
         g = self.cfg.grid

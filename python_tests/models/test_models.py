@@ -243,3 +243,16 @@ def test_variant_without_adaln_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(m.condition(codes, mask, [0, 1]), loaded.condition(codes, mask, [0, 1]))
     assert torch.equal(m.generate([0, 2], iters=3, steps=4, seed=1), loaded.generate([0, 2], iters=3, steps=4, seed=1))
+
+
+def test_api_takes_class_names_and_decodes_to_plain_tensors():
+    """As the CLI does: names of the bundled model's classes, ids, or both; decode gives a tensor .numpy() takes."""
+    model, bae = be.load_default()
+    kw = dict(iters=2, steps=2, seed=1)
+    by_name = model.generate(["Sneaker", "bag", 0], **kw)
+    assert torch.equal(by_name, model.generate([7, 8, 0], **kw))
+    assert torch.equal(model.generate("Sneaker", **kw), by_name[:1])
+    with pytest.raises(be.BigrError, match="unknown class name 'tabby'"):
+        model.generate(["tabby"], **kw)
+    images = bae.decode(by_name)
+    assert not images.requires_grad and images.numpy().shape == (3, 3, 32, 32)
