@@ -1,4 +1,4 @@
-// Every op of the `bigr` namespace: schemas only. Kernels live in cpu/ and cuda/.
+// Every op of the `bigr` namespace: schemas only. Kernels: attention/, pack/, sampling/, transcoder/ (CPU and CUDA).
 #include <torch/library.h>
 
 TORCH_LIBRARY(bigr, m) {

@@ -174,7 +174,7 @@ def _make_shard(model, bae, plan: Plan, s: int, out: Path, gen: dict, batch_size
         codes.append(model.generate_with(torch.as_tensor(labels[a - lo:b - lo]), sample_index=torch.arange(a, b),
                                          **gen).cpu())
         bar.update(b - a)
-    images = decode_to_uint8(bae, torch.cat(codes), lo)
+    images = decode_to_uint8(bae, torch.cat(codes))
     files = {png_path(out, lo + j, int(c)): png_bytes(img) for j, (img, c) in enumerate(zip(images, labels))} if png else {}
     # The npz goes last: write_files_atomic renames in order, so an npz on disk means the whole shard is there.
     files[shard_path(out, s)] = _npz_bytes(arr_0=images, arr_1=labels, arr_2=np.arange(lo, hi, dtype=np.int64))

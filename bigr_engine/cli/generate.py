@@ -33,8 +33,8 @@ def cmd_generate(args) -> int:
             batch = labels[lo:lo + args.batch_size]
             # Sample i of the run is keyed by (seed, i): the batch size does not change any image.
             codes = model.generate(batch, seed=args.seed, sample_index=torch.arange(lo, lo + len(batch)), **sampling)
-            # decoded in index-aligned groups, as sample-many does: the same (seed, i) gives the same pixels
-            chunks.append(decode_to_uint8(bae, codes, lo))
+            # decoded in fixed-shape batches, as sample-many does: the same (seed, i) gives the same pixels
+            chunks.append(decode_to_uint8(bae, codes))
             bar.update(len(batch))
     images = np.concatenate(chunks)
     nrow = args.nrow or (args.per_class if args.per_class > 1 else min(8, n))

@@ -143,21 +143,22 @@ def png_bytes(array) -> bytes:
     return buf.getvalue()
 
 
-# Images are decoded in groups of this many consecutive sample indices, aligned to multiples of it. The decoder's
-# float rounding can depend on the batch shape it runs in; fixed, index-aligned groups keep the pixels of sample i
-# independent of --batch-size, of the world size and of the command (generate and sample-many decode alike), while
-# batching the decoder (one image per call is slow on a GPU).
+# The decoder always runs on batches of exactly this many codes (the last one padded): its float rounding can
+# depend on the batch shape, so a fixed shape keeps the pixels of a sample independent of --batch-size, of the
+# shard size and world size, and of the command (generate and sample-many decode alike), while still batching
+# the decoder (one image per call is slow on a GPU).
 DECODE_GROUP = 16
 
 
-def decode_to_uint8(bae, codes, first_index: int = 0) -> np.ndarray:
-    """codes (n,N,K) of samples first_index.. -> (n,H,W,3) uint8, decoded in index-aligned groups of DECODE_GROUP
-    on the tokenizer's device."""
+def decode_to_uint8(bae, codes) -> np.ndarray:
+    """codes (n,N,K) -> (n,H,W,3) uint8, decoded in batches of exactly DECODE_GROUP on the tokenizer's device."""
     device = next(bae.parameters()).device
-    out, a, hi = [], first_index, first_index + len(codes)
+    out = []
     with torch.inference_mode():
-        while a < hi:
-            b = min(hi, (a // DECODE_GROUP + 1) * DECODE_GROUP)
-            out.append(to_uint8(bae.decode(codes[a - first_index:b - first_index].to(device))))
-            a = b
+        for a in range(0, len(codes), DECODE_GROUP):
+            chunk = codes[a:a + DECODE_GROUP].to(device)
+            n = len(chunk)
+            if n < DECODE_GROUP:
+                chunk = torch.cat([chunk, chunk[:1].expand(DECODE_GROUP - n, *chunk.shape[1:])])
+            out.append(to_uint8(bae.decode(chunk)[:n]))
     return np.concatenate(out) if out else np.zeros((0, bae.cfg.img_size, bae.cfg.img_size, 3), np.uint8)

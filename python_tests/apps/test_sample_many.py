@@ -91,10 +91,10 @@ def test_layout_and_same_images_for_any_batch_size(pair, tmp_path):
     imgs = a["arr_0"].astype(int)
     assert imgs.std() > 10 and len({im.tobytes() for im in a["arr_0"]}) == 20  # real, distinct images
     # The same images as one direct generate call over all indices (the model's defaults under FAST), decoded in
-    # the same index-aligned groups as `bigr generate` decodes: the same pixels exactly.
+    # the same fixed-shape batches as `bigr generate` decodes: the same pixels exactly.
     labels = torch.as_tensor(a["arr_1"])
     codes = model.generate(labels, seed=3, sample_index=torch.arange(20), **FAST)
-    ref = imageio.decode_to_uint8(bae, codes, 0).astype(int)
+    ref = imageio.decode_to_uint8(bae, codes).astype(int)
     assert np.array_equal(imgs, ref)
     # PNGs hold the same pixels, named <index:06d>_<class>.png
     pngs = sorted(p.name for p in (tmp_path / "a" / "png").iterdir())
@@ -219,7 +219,7 @@ def test_cli_runs_with_class_names(capsys, tmp_path):
 
 
 def test_generate_and_sample_many_write_the_same_pixels(tmp_path):
-    """The same (seed, i) gives the same PNG on both commands: both decode in the same index-aligned groups."""
+    """The same (seed, i) gives the same PNG on both commands: both decode in fixed-shape batches."""
     fast = ["--iters", "2", "--steps", "3", "--seed", "5", "--classes", "0,4", "--quiet"]
     assert main(["generate", *fast, "--per-class", "3", "--batch-size", "4", "--out", str(tmp_path / "g")]) == 0
     assert main(["sample-many", *fast, "--per-class", "3", "--batch-size", "5", "--num-images", "6",

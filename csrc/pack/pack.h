@@ -1,8 +1,9 @@
-// Shape and dtype checks shared by every kernel, written once.
+// pack_bits / unpack_bits: the shape and dtype checks and the output allocation shared by the CPU and CUDA
+// kernels, written once.
 #pragma once
 #include <ATen/ATen.h>
 
-#define BIGR_CHECK(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)
+#include "bigr/checks.h"
 
 namespace bigr {
 
@@ -13,10 +14,6 @@ inline void check_bit_width(const char* op, int64_t K) {
   BIGR_CHECK(K <= 64, op, ": K=", K, " bits per token is more than 64; codes wider than 64 bits do not fit in one "
              "word (split them into groups of at most 64 bits)");
   BIGR_CHECK(K >= 1, op, ": K=", K, " bits per token; K must be in 1..64");
-}
-
-inline void check_same_device(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  BIGR_CHECK(a.device() == b.device(), op, ": tensors are on different devices (", a.device(), " and ", b.device(), ")");
 }
 
 // pack_bits input (..., K) -> K, checked.

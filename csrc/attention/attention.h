@@ -6,7 +6,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include "checks.h"
+#include "bigr/checks.h"
 
 namespace bigr {
 

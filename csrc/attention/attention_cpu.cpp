@@ -27,7 +27,7 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors never cross a call boundary: every helper is inlined
 
-#include "cpu/clones.h"
+#include "bigr/clones.h"
 
 namespace bigr {
 namespace {

@@ -1,4 +1,4 @@
-// The counter-based RNG of bigr_engine/rng.py, for CPU and CUDA kernels: bit-identical to the Python version.
+// The counter-based RNG of bigr_engine/ops/rng.py, for CPU and CUDA kernels: bit-identical to the Python version.
 //
 // A draw is keyed by (seed, sample index, stream, counter): a chain of 32-bit "lowbias32" mixers,
 //   h = mix32(seed_lo); h = absorb(h, seed_hi); h = absorb(h, sample); h = absorb(h, stream); h = absorb(h, counter)

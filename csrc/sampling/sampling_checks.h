@@ -5,7 +5,7 @@
 
 #include <optional>
 
-#include "checks.h"
+#include "bigr/checks.h"
 
 namespace bigr {
 

@@ -5,7 +5,7 @@
 // float32/bfloat16/float16, float64 for float64), the two reductions run over that scratch with 16 independent partial
 // sums (so the compiler vectorises them without reassociating anything itself), and the outputs are written in one
 // pass, rounded once to the output dtype. The row functions are compiled for AVX-512, AVX2 and baseline x86-64, picked
-// when the library loads (target_clones, as in attention.cpp).
+// when the library loads (target_clones, as in attention_cpu.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -17,7 +17,7 @@
 
 #include "transcoder.h"
 
-#include "cpu/clones.h"
+#include "bigr/clones.h"
 
 namespace bigr {
 namespace {

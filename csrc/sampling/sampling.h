@@ -3,7 +3,7 @@
 // Bit-identical results on both backends need every float operation rounded once, in the same order:
 // on the device the _rn intrinsics (never fused into FMAs); on the host plain operators, with the source
 // compiled with -ffp-contract=off (CMakeLists.txt). No libm call is used except log in the Gumbel noise.
-// bigr_engine/reference_ops.py performs the same operations with torch ops.
+// bigr_engine/ops/reference.py performs the same operations with torch ops.
 #pragma once
 #include <cstdint>
 #include <cstring>

@@ -3,7 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "pack.h"
 
 namespace bigr {
 
