@@ -141,7 +141,7 @@ def inference_steps(T: int, S: int) -> list[int]:
 
 def flip_to_p0(logits: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     """P(x_0 = 1) from flip logits, float32: x_t (1 - p_flip) + (1 - x_t) p_flip for x_t in {0, 1}. The sigmoid is
-    reference_ops.sigmoid_ref (within 1 ulp of the true one) rather than torch.sigmoid, whose last bit depends on the
+    ops.reference.sigmoid_ref (within 1 ulp of the true one) rather than torch.sigmoid, whose last bit depends on the
     CPU's vector width: the compiled posterior_step uses the same formula, so every backend gets the same p0."""
     p_flip = sigmoid_ref(logits)
     return torch.where(x_t != 0, 1 - p_flip, p_flip)   # the formula above, exactly, for x_t in {0, 1}

@@ -47,20 +47,20 @@ def _(seed, sample_index, stream, counters):
 def posterior_step(logits_c, logits_u, x_t, out, cfg: float, temperature: float, t: int, t_next: int, k_final, b_final,
                    beta, seed: int, sample_index, stream: int, token_index, greedy: bool) -> None:
     """One fused transcoder step into `out`: x_(t'), or p0 (float32) when t_next <= 0.
-    Same results as reference_ops.posterior_step_ref."""
+    Same results as ops.reference.posterior_step_ref."""
     torch.ops.bigr.posterior_step(logits_c, logits_u, x_t, out, cfg, temperature, t, t_next, k_final, b_final, beta,
                                   seed, sample_index, stream, token_index, greedy)
 
 
 def unmask_topk(p0, index, k, codes, mask, gumbel_temp: float, seed: int, sample_index, gumbel_stream: int,
                 bits_stream: int, deterministic: bool) -> None:
-    """Unmask the k[b] most confident masked candidates per row in place; see reference_ops.unmask_topk_ref."""
+    """Unmask the k[b] most confident masked candidates per row in place; see ops.reference.unmask_topk_ref."""
     torch.ops.bigr.unmask_topk(p0, index, k, codes, mask, gumbel_temp, seed, sample_index, gumbel_stream, bits_stream,
                                deterministic)
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bidirectional softmax attention with 2D RoPE on q and k, fused (reference_ops.rope_attention_ref):
+    """Bidirectional softmax attention with 2D RoPE on q and k, fused (ops.reference.rope_attention_ref):
     qkv (B, S, 3, H, d) float32/bfloat16/float16, cos/sin (S, d/2) float32 from transformer.rope_2d_table
     -> out (B, S, H*d) in qkv's dtype, lse (B, H, S) float32. Differentiable in qkv; lse is not differentiable.
     As the transformer's attention: `attn_fn=lambda qkv, cos, sin: ops.rope_attention(qkv, cos, sin)[0]`."""
@@ -106,10 +106,10 @@ if has_op("bigr::rope_attention"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The transcoder block's ops (csrc/transcoder.h); plain-PyTorch twins in reference_ops.
+# The transcoder block's ops (csrc/transcoder.h); plain-PyTorch twins in ops.reference.
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
-    """LayerNorm without affine + adaLN modulation, fused (reference_ops.ln_modulate_ref): x (..., D), shift and scale
+    """LayerNorm without affine + adaLN modulation, fused (ops.reference.ln_modulate_ref): x (..., D), shift and scale
     both x's shape or both (D,) -> y = (x - mean) * rstd * (1 + scale) + shift in x's dtype, and mean, rstd (...)
     float32 (float64 for float64 x). Differentiable in x, shift and scale; mean and rstd are not."""
     return torch.ops.bigr.ln_modulate(x, shift, scale, eps)

@@ -85,7 +85,7 @@ def unpack_bits_ref(words: torch.Tensor, K: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # The generation loop's ops (csrc/sampling.h): the same float operations in the same order, so the CPU kernels give
-# bit-identical results on float32 inputs. They follow engine.transcode_masked and engine._iteration except in two
+# bit-identical results on float32 inputs. They follow sampling.engine.transcode_masked and engine._unmask except in two
 # places, where torch's own results depend on the CPU's vector width: the sigmoid (below) and the mean over bits of
 # the confidence (summed in bit order here).
 
@@ -146,7 +146,7 @@ def posterior_step_ref(logits_c, logits_u, x_t, out, cfg: float, temperature: fl
 
 
 def confidence_ref(p0: torch.Tensor) -> torch.Tensor:
-    """Mean over bits of 2|p0 - 0.5| (sampler.confidence), summed in bit order: (B, n, K) -> (B, n)."""
+    """Mean over bits of 2|p0 - 0.5| (sampling.reference.confidence), summed in bit order: (B, n, K) -> (B, n)."""
     v = 2 * (p0 - 0.5).abs()
     s = torch.zeros_like(v[..., 0])
     for j in range(v.shape[-1]):
@@ -156,7 +156,7 @@ def confidence_ref(p0: torch.Tensor) -> torch.Tensor:
 
 def unmask_topk_ref(p0, index, k, codes, mask, gumbel_temp: float, seed: int, sample_index, gumbel_stream: int,
                     bits_stream: int, deterministic: bool) -> None:
-    """engine._iteration's selection, in place. p0 (B, n, K) float32 of the candidates at positions index (B, n);
+    """sampling.engine._unmask's selection, in place. p0 (B, n, K) float32 of the candidates at positions index (B, n);
     per row b the k[b] candidates of highest confidence + gumbel_temp * Gumbel (noise only when gumbel_temp > 0,
     keyed by position) among the still-masked ones (others rank last as -inf and are never chosen), ties to the lower
     candidate; their bits, Bernoulli(p0) keyed by position * K + bit (p0 > 0.5 when deterministic), go into

@@ -10,7 +10,7 @@ Same samples as `sampler.generate` (every draw is keyed by seed, sample index, t
   on the device inside the loop: a whole call can be captured as one CUDA graph (per batch-size bucket);
 - with the extension built, the compiled ops do the step arithmetic (posterior_step), the unmasking
   (unmask_topk) and the attention (rope_attention); they compute the same numbers as the plain-PyTorch
-  path here and in `sampler` (same sigmoid, same summation order), except attention, which rounds differently;
+  path here and in `sampling.reference` (same sigmoid, same summation order), except attention, which rounds differently;
 - on CUDA the matmuls run in bfloat16 under autocast by default (probabilities stay float32).
 """
 from __future__ import annotations
