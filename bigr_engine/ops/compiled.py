@@ -106,7 +106,7 @@ if has_op("bigr::rope_attention"):
 
 
 # ---------------------------------------------------------------------------------------------
-# The transcoder block's ops (csrc/transcoder.h); plain-PyTorch twins in ops.reference.
+# The transcoder block's ops (csrc/transcoder/transcoder.h); plain-PyTorch twins in ops.reference.
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6):
     """LayerNorm without affine + adaLN modulation, fused (ops.reference.ln_modulate_ref): x (..., D), shift and scale

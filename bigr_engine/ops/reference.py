@@ -84,7 +84,7 @@ def unpack_bits_ref(words: torch.Tensor, K: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The generation loop's ops (csrc/sampling.h): the same float operations in the same order, so the CPU kernels give
+# The generation loop's ops (csrc/sampling/sampling.h): the same float operations in the same order, so the CPU kernels give
 # bit-identical results on float32 inputs. They follow sampling.engine.transcode_masked and engine._unmask except in two
 # places, where torch's own results depend on the CPU's vector width: the sigmoid (below) and the mean over bits of
 # the confidence (summed in bit order here).
@@ -195,7 +195,7 @@ def rope_attention_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 
 # ---------------------------------------------------------------------------------------------
-# The transcoder block's ops (csrc/transcoder.h). Math in float32 (float64 for float64 inputs), rounded once to the
+# The transcoder block's ops (csrc/transcoder/transcoder.h). Math in float32 (float64 for float64 inputs), rounded once to the
 # input dtype at the end, as the kernels do; the release's own composite (F.layer_norm, then modulate, in the input
 # dtype) rounds after every step and is what the tests measure the error budget against.
 
