@@ -6,6 +6,8 @@ inputs) may be a few times the error of the reference run in the op's own dtype,
 import pytest
 import torch
 
+from conftest import poison
+
 from bigr_engine.ops.loader import have_cuda_kernels, have_extension
 from bigr_engine.ops.reference import rope_attention_ref
 from bigr_engine.ops.reference import attention_reference, rope_2d_table
@@ -39,15 +41,6 @@ def randn(shape, seed, dtype=torch.float32, device="cpu", scale=1.0):
 
 def make_qkv(B, S, H, d, seed, dtype=torch.float32, device="cpu", scale=1.0):
     return randn((B, S, 3, H, d), seed, dtype, device, scale)
-
-
-def poison(device):
-    """On CUDA, leave NaNs in the caching allocator's freed blocks, which it hands to the next allocation of a fitting
-    size, so that an output element a kernel forgets to write shows up as NaN. The CPU allocator promises no such
-    reuse, so there nothing is done: the comparisons with the reference (and isfinite) carry the check."""
-    if torch.device(device).type == "cuda":
-        junk = torch.full((1 << 22,), float("nan"), device=device)
-        del junk
 
 
 def check_close(ours, same_dtype_ref, oracle, dtype, what, factor=3.0):

@@ -6,6 +6,8 @@ may be a few times the error of the composite run in the op's own dtype, plus ab
 import pytest
 import torch
 
+from conftest import poison
+
 from bigr_engine.ops.loader import have_cuda_kernels, have_extension, has_op
 from bigr_engine.ops.reference import gated_residual_ref, ln_modulate_backward_ref, ln_modulate_ref
 from bigr_engine.models.transcoder import Transcoder, ln_modulate_plain
@@ -39,15 +41,6 @@ def make_inputs(shape, seed, dtype=torch.float32, device="cpu", param_shape=None
     shift = randn(param_shape, seed + 1, dtype, device, scale=0.5)
     scale = randn(param_shape, seed + 2, dtype, device, scale=0.5)
     return x, shift, scale
-
-
-def poison(device):
-    """On CUDA, leave NaNs in the caching allocator's freed blocks, which it hands to the next allocation of a fitting
-    size, so that an output element a kernel forgets to write shows up as NaN. The CPU allocator promises no such
-    reuse, so there nothing is done: the comparisons with the reference (and isfinite) carry the check."""
-    if torch.device(device).type == "cuda":
-        junk = torch.full((1 << 22,), float("nan"), device=device)
-        del junk
 
 
 def check_close(ours, same_dtype_ref, oracle, dtype, what, factor=3.0):
