@@ -27,7 +27,7 @@ from generate import device_name, time_one, write_results  # noqa: E402
 from bigr_engine import ops
 from bigr_engine.ops import rng
 from bigr_engine.ops import reference as R  # noqa: E402
-from bigr_engine.models.transcoder import schedule_tables  # noqa: E402
+from bigr_engine.ops.reference import schedule_tables  # noqa: E402
 
 
 def copy_bandwidth(device: str, repeats: int) -> float:

@@ -15,7 +15,8 @@ from bigr_engine import ops
 from bigr_engine.ops import rng
 from bigr_engine.ops import reference as R
 from bigr_engine.ops.loader import has_op
-from bigr_engine.models.transcoder import ln_modulate_plain, schedule_tables
+from bigr_engine.models.transcoder import ln_modulate_plain
+from bigr_engine.ops.reference import schedule_tables
 from bigr_engine.ops.reference import attention_reference, rope_2d_table
 
 pytestmark = pytest.mark.skipif(not has_op("bigr::ln_modulate"), reason="bigr_engine._C not built")

@@ -12,7 +12,7 @@ import torch
 from bigr_engine import ops
 from bigr_engine.ops import rng
 from bigr_engine.ops import reference as R
-from bigr_engine.models.transcoder import schedule_tables
+from bigr_engine.ops.reference import schedule_tables
 from bigr_engine.ops.reference import rope_2d_table
 
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"   # "cpu": a dry run of this script itself

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from bigr_engine.ops import rng
 from bigr_engine.sampling import reference as sampler
-from bigr_engine.sampling.options import SamplingOptions, resolve_options
+from bigr_engine.sampling.options import SamplingOptions
 from bigr_engine.errors import BigrError
 
 __all__ = [
@@ -45,11 +45,6 @@ __all__ = [
 
 def _device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-def _options(model, *, cfg, iters, steps, gumbel, seed: int, sampling: dict) -> SamplingOptions:
-    """The model's own sampling defaults with the caller's options on top (None keeps the default), checked."""
-    return resolve_options(model, cfg=cfg, iters=iters, steps=steps, gumbel=gumbel, seed=seed, **sampling)
 
 
 def _check_pair(model, bae):
@@ -202,7 +197,8 @@ def inpaint_codes(model, bae, images: torch.Tensor, masks, labels=None, *, varia
                         f"{bae.cfg.downsample}x{bae.cfg.downsample}-pixel token cell"
                         + (" (outpainting regenerates what the mask leaves black)" if invert else ""))
     labels, null = _labels(model, labels, B, v)
-    opts = _options(model, cfg=1.0 if null else cfg, iters=iters, steps=steps, gumbel=gumbel, seed=seed, sampling=sampling)
+    opts = model.sampling_options(cfg=1.0 if null else cfg, iters=iters, steps=steps, gumbel=gumbel, seed=seed,
+                                  **sampling)
     idx = _sample_index(B, v, _device(bae))
     codes = _encode(bae, images, v, seed, idx)
     mask = tmask.repeat_interleave(v, dim=0).to(model.device)
@@ -277,7 +273,7 @@ def interpolate_codes(model, label_a: int, label_b: int, weights: Sequence[float
     v = int(variations)
     labels = rows.repeat(v, 1).to(model.device)
     idx = torch.arange(v, device=model.device).repeat_interleave(w.numel())
-    opts = _options(model, cfg=cfg, iters=iters, steps=steps, gumbel=gumbel, seed=seed, sampling=sampling)
+    opts = model.sampling_options(cfg=cfg, iters=iters, steps=steps, gumbel=gumbel, seed=seed, **sampling)
     return _generate(model, labels, opts, idx, progress)
 
 
@@ -354,8 +350,8 @@ def enrich_codes(model, bae, low_res_images: torch.Tensor, labels=None, *, ds: i
     idx = _sample_index(B, v, model.device)
     groups = enrich_groups(bae.cfg.grid, ds, rounds, seed, idx)
     labels, null = _labels(model, labels, B, v)
-    opts = [_options(model, cfg=1.0 if null else cfg, iters=iters, steps=steps, gumbel=gumbel,
-                     seed=_round_seed(seed, r), sampling=sampling) for r in range(rounds)]
+    opts = [model.sampling_options(cfg=1.0 if null else cfg, iters=iters, steps=steps, gumbel=gumbel,
+                                   seed=_round_seed(seed, r), **sampling) for r in range(rounds)]
     codes = _encode(bae, images, v, seed, idx)
     codes = codes.to(model.device)
     history = [codes]

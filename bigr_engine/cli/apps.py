@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigr_engine.cli.common import load_models, pick_device
 from bigr_engine.errors import BigrError
 from bigr_engine.io.files import write_files_atomic
 
@@ -149,13 +150,7 @@ def register(subparsers) -> None:
 
 def _load(args):
     import bigr_engine as be
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise BigrError(f"unknown device {args.device!r}; pass e.g. cpu or cuda") from None
-    model = be.load_bigr(args.ckpt, device=device)
-    bae = be.load_bae(args.bae, device=device)
+    model, bae = load_models(args, pick_device(args.device))
     be.check_pair(model, bae)
     return model, bae
 

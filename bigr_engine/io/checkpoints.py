@@ -15,7 +15,7 @@ from bigr_engine.models.config import BAEConfig, BiGRConfig, bae_preset, bigr_pr
 from bigr_engine.errors import BigrError, CheckpointError
 from bigr_engine.io.files import write_files_atomic
 from bigr_engine.sampling.model import BiGR
-from bigr_engine.models.transcoder import schedule_tables
+from bigr_engine.ops.reference import schedule_tables
 
 FORMAT = "bigr-engine/1"
 

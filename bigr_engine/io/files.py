@@ -36,9 +36,10 @@ def _write(f, data) -> None:
 
 def write_files_atomic(files: dict) -> list[Path]:
     """{path: bytes | str | function(binary file)} -> every file written to a temporary name first; only when all
-    were written are they renamed into place, in the given order (so the last one on disk means all are). On any failure (or interruption) the temporary files, the files already renamed in
-    this call and the folders this call created are removed again, so nothing new is left behind; an
-    OSError becomes a BigrError that names the path. -> the paths written, in order."""
+    were written are they renamed into place, in the given order (so the last one on disk means all are). On any
+    failure (or interruption) the temporary files, the files already renamed in this call and the folders this call
+    created are removed again, so nothing new is left behind; an OSError becomes a BigrError that names the path.
+    -> the paths written, in order."""
     staged: list[tuple[Path, Path]] = []
     made_dirs: list[Path] = []
     done: list[Path] = []

@@ -9,7 +9,8 @@ from torch import nn
 from bigr_engine.models.classes import class_ids
 from bigr_engine.models.config import BiGRConfig
 from bigr_engine.errors import BigrError
-from bigr_engine.models.transcoder import Transcoder, schedule_tables
+from bigr_engine.models.transcoder import Transcoder
+from bigr_engine.ops.reference import schedule_tables
 from bigr_engine.models.transformer import Transformer
 
 

@@ -113,19 +113,7 @@ class Transcoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The Bernoulli diffusion schedule. Tables have T+1 entries; index 0 is the identity.
-
-def schedule_tables(T: int = 256) -> dict:
-    """beta_i = 1 - 1/(T-i+1), k_i = prod beta = (T-i)/T, b_i = (1 - k_i)/2, cumbeta = k."""
-    i = torch.arange(T + 1, dtype=torch.float64)
-    beta = torch.where(i == 0, torch.ones_like(i), 1 - 1 / (T - i + 1))
-    k = torch.ones(T + 1, dtype=torch.float64)
-    b = torch.zeros(T + 1, dtype=torch.float64)
-    for t in range(1, T + 1):  # the release's recursion; equals (T-i)/T and (1-k)/2
-        k[t] = k[t - 1] * beta[t]
-        b[t] = beta[t] * b[t - 1] + 0.5 * (1 - beta[t])
-    return {"k_final": k.float(), "b_final": b.float(), "beta": beta.float(), "cumbeta": torch.cumprod(beta, 0).float()}
-
+# The Bernoulli diffusion schedule (its tables: ops.reference.schedule_tables, which the sampling kernels take).
 
 def inference_steps(T: int, S: int) -> list[int]:
     """The descending list of steps a sampler with S steps visits (always ends at 1)."""

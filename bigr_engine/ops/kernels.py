@@ -46,6 +46,10 @@ class Kernels:
     def why_not(self, name: str) -> str | None:
         return dict(self.rejected).get(name)
 
+    def refused(self, names) -> list[str]:
+        """"name (why)" for each of `names` not used: for messages that say what fell back and why."""
+        return [f"{name} ({self.why_not(name)})" for name in names if not self.uses(name)]
+
     @property
     def attention(self):
         """The transformer's attn_fn: the fused op, or the reference (RoPE + SDPA)."""

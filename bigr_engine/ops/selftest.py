@@ -152,17 +152,11 @@ def _check_rng(device, dtype, head_dim):
                  _exact("rng_bits", b, rng.random_bits_at(12345, si, stream, counters)))
 
 
-def _tables(T: int = 16):
-    i = torch.arange(T + 1, dtype=torch.float64)
-    beta = torch.where(i == 0, torch.ones_like(i), 1 - 1 / (T - i + 1))
-    k = (T - i) / T
-    return k.float(), ((1 - k) / 2).float(), beta.float()
-
-
 def _check_posterior(device, dtype, head_dim):
     g = _gen(3)
     B, n, N, K = 3, 5, 9, 11
-    k_final, b_final, beta = _tables()
+    tables = reference.schedule_tables(16)
+    k_final, b_final, beta = tables["k_final"], tables["b_final"], tables["beta"]
     lc = (torch.randn(B * n, K, generator=g) * 3).to(dtype)
     lu = (torch.randn(B * n, K, generator=g) * 3).to(dtype)
     x = torch.randint(0, 2, (B, n, K), generator=g, dtype=torch.uint8)
@@ -206,21 +200,19 @@ def _check_attention(device, dtype, head_dim):
     g = _gen(5)
     B, S, H = 2, 17, 2
     qkv64 = torch.randn(B, S, 3, H, head_dim, generator=g, dtype=torch.float64)
-    grid = 4
-    cos, sin = reference.rope_2d_table(grid, head_dim)
-    qkv = qkv64.to(dtype).requires_grad_()
-    out, _lse = compiled.rope_attention(qkv.detach().to(device).requires_grad_(), cos.to(device), sin.to(device))
-    gout = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    truth_in = qkv.detach().double().requires_grad_()
+    gout = torch.randn(B, S, H * head_dim, generator=g, dtype=torch.float64)
+    cos, sin = reference.rope_2d_table(4, head_dim)
+    truth_in = qkv64.clone().requires_grad_()
     truth = reference.attention_reference(truth_in, cos.double(), sin.double())
     _backward(truth, gout)
-    ref = reference.attention_reference(qkv, cos, sin)
+    ref_in = qkv64.to(dtype).requires_grad_()
+    ref = reference.attention_reference(ref_in, cos, sin)
     _backward(ref, gout.to(dtype))
-    k_in = qkv.detach().to(device).requires_grad_()
+    k_in = qkv64.to(dtype).to(device).requires_grad_()
     k_out = compiled.rope_attention(k_in, cos.to(device), sin.to(device))[0]
     _backward(k_out, gout.to(dtype).to(device))
-    return _join(_close("forward", out.detach(), truth.detach(), ref.detach(), dtype),
-                 _close("backward", k_in.grad, truth_in.grad, qkv.grad, dtype))
+    return _join(_close("forward", k_out.detach(), truth.detach(), ref.detach(), dtype),
+                 _close("backward", k_in.grad, truth_in.grad, ref_in.grad, dtype))
 
 
 def _check_ln_modulate(device, dtype, head_dim):

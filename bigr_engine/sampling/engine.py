@@ -35,7 +35,7 @@ def choose_kernels(model, dtype: torch.dtype, ops: bool | None = None) -> Kernel
     loop kernels or an error saying why they cannot run."""
     k = kernel_choice.choose(model.device, dtype, model.cfg.head_dim, enabled=ops is not False)
     if ops:
-        missing = [f"{name} ({k.why_not(name)})" for name in LOOP_KERNELS if not k.uses(name)]
+        missing = k.refused(LOOP_KERNELS)
         if missing:
             raise BigrError(f"ops=True but the compiled {', '.join(missing)} cannot run; pass ops=None to fall back "
                             f"to the plain path")
@@ -70,13 +70,13 @@ def _draw_at(p, opts: SamplingOptions, sample_index, stream_id, counters):
     return (rng.uniform_at(opts.seed, sample_index, stream_id, counters) < p.float()).to(p.dtype)
 
 
-def _initial_bits(opts: SamplingOptions, sample_index, stream_id, counters, kernels: Kernels) -> torch.Tensor:
-    """x_T ~ Bernoulli(0.5) per (token, bit) as uint8 (all zeros when greedy: the mode of p = 0.5 is 0)."""
+def _initial_bits(opts: SamplingOptions, sample_index, stream_id, counters, kernels: Kernels | None) -> torch.Tensor:
+    """x_T ~ Bernoulli(0.5) per (token, bit) as uint8 (all zeros when greedy: the mode of p = 0.5 is 0), through the
+    compiled rng where chosen."""
     if opts.greedy:
         return torch.zeros(counters.shape, dtype=torch.uint8, device=counters.device)
-    if kernels.uses("rng"):
-        return (compiled.rng_uniform(opts.seed, sample_index, stream_id, counters) < 0.5).to(torch.uint8)
-    return (rng.uniform_at(opts.seed, sample_index, stream_id, counters) < 0.5).to(torch.uint8)
+    uniform = compiled.rng_uniform if kernels is not None and kernels.uses("rng") else rng.uniform_at
+    return (uniform(opts.seed, sample_index, stream_id, counters) < 0.5).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- transcoder loop
@@ -87,8 +87,7 @@ def transcode_masked(transcoder, cz: torch.Tensor, temb: torch.Tensor, steps: li
     """Plain PyTorch: p0 (B,n,K) float32 for the n masked tokens per row. cz: c_embedder(z) for [cond; uncond] rows,
     (2*B*n or B*n, Hd); temb (S, Hd) per step; counters (B,n,K) are the rng counters (token * K + bit) of those bits."""
     B, n, K = counters.shape
-    x = _draw_at(torch.full((B, n, K), 0.5, device=cz.device), opts, sample_index,
-                 rng.stream(rng.TRANSCODER_INIT, iteration), counters)
+    x = _initial_bits(opts, sample_index, rng.stream(rng.TRANSCODER_INIT, iteration), counters, kernels).float()
     branches = 2 if use_cfg else 1
     for j, t in enumerate(steps):
         c = cz + temb[j]

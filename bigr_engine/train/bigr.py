@@ -101,8 +101,7 @@ def kernels_for(ops: str, device, dtype: torch.dtype, head_dim: int) -> tuple[Ke
     k = kernel_choice.choose(device, dtype, head_dim, enabled=ops == "engine")
     if ops == "reference":
         return k, None
-    refused = [f"{name} ({k.why_not(name)})" for name in ("attention", "ln_modulate", "gated_residual")
-               if not k.uses(name)]
+    refused = k.refused(("attention", "ln_modulate", "gated_residual"))
     return k, (f"--ops engine falls back to plain PyTorch for {'; '.join(refused)}" if refused else None)
 
 

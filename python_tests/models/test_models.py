@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import bigr_engine as be
 from conftest import RELEASE_PARITY as FIX
-from bigr_engine.models.transcoder import flip_loss, flip_to_p0, inference_steps, posterior_one, schedule_tables, timestep_features
+from bigr_engine.models.transcoder import flip_loss, flip_to_p0, inference_steps, posterior_one, timestep_features
+from bigr_engine.ops.reference import schedule_tables
 from bigr_engine.ops.reference import apply_rope, rope_2d_table
 
 

@@ -14,7 +14,8 @@ from bigr_engine.ops import rng
 from bigr_engine.ops import reference as R
 from bigr_engine.ops.loader import has_op, have_cuda_kernels
 from bigr_engine.sampling.options import SamplingOptions
-from bigr_engine.models.transcoder import inference_steps, schedule_tables
+from bigr_engine.models.transcoder import inference_steps
+from bigr_engine.ops.reference import schedule_tables
 
 HAVE_OPS = all(has_op(f"bigr::{op}") for op in ("rng_bits", "rng_uniform", "posterior_step", "unmask_topk"))
 needs_ext = pytest.mark.skipif(not HAVE_OPS, reason="bigr_engine._C not built (or built without the sampling ops)")
