@@ -1,23 +1,36 @@
 """The reference sampler: the release's entropy-ordered generation (spec sections 3-4), plain PyTorch.
 
 Readable on purpose: every faster backend is tested against it. It runs the transcoder on all N
-tokens every iteration as the release does. Random draws come from `rng` (keyed by seed and sample
-index), so a sample does not depend on its batch.
+tokens every iteration as the release does, with the conditional and unconditional branches in one call (they share
+x_t). Random draws come from `rng` (keyed by seed and sample index), so a sample does not depend on its batch; the
+compiled `rng_uniform` computes them where it runs (the same numbers: the Python hash of every bit at every step
+would otherwise make this baseline slower than the release's own sampler).
 """
 from __future__ import annotations
 
 import torch
 
 from bigr_engine.models.transcoder import flip_to_p0, inference_steps, posterior_one
-from bigr_engine.ops import rng
+from bigr_engine.ops import compiled, kernels, rng
 from bigr_engine.ops.reference import confidence_ref
 from bigr_engine.sampling.options import ORDERS, SamplingOptions, cfg_at, gumbel_at, masked_after
 
+def uniform(seed: int, sample_index, stream_id: int, shape: tuple) -> torch.Tensor:
+    """rng.uniform (counter = flat position within `shape`), through the compiled rng where it runs."""
+    if kernels.choose(sample_index.device).uses("rng"):
+        n = 1
+        for s in shape:
+            n *= s
+        counters = torch.arange(n, device=sample_index.device).expand(sample_index.shape[0], n)
+        return compiled.rng_uniform(seed, sample_index, stream_id, counters).view(sample_index.shape[0], *shape)
+    return rng.uniform(seed, sample_index, stream_id, shape)
+
+
 def draw(p: torch.Tensor, opts: SamplingOptions, sample_index, stream_id: int) -> torch.Tensor:
-    """Bernoulli(p) per element, or its mode p > 0.5 when greedy."""
+    """Bernoulli(p) per element (u < p, as rng.bernoulli), or its mode p > 0.5 when greedy."""
     if opts.greedy:
         return (p > 0.5).to(p.dtype)
-    return rng.bernoulli(p, opts.seed, sample_index, stream_id)
+    return (uniform(opts.seed, sample_index, stream_id, tuple(p.shape[1:])) < p.float()).to(p.dtype)
 
 
 def transcode(transcoder, z_c, z_u, cfg: float, opts: SamplingOptions, tables: dict, T: int,
@@ -28,13 +41,16 @@ def transcode(transcoder, z_c, z_u, cfg: float, opts: SamplingOptions, tables: d
     K = transcoder.final_layer.linear.out_features
     x = draw(torch.full((B, N, K), 0.5, device=z_c.device), opts, sample_index, rng.stream(rng.TRANSCODER_INIT, iteration))
     steps = inference_steps(T, opts.steps)
+    branches = 1 if z_u is None else 2
+    z = z_c if z_u is None else torch.cat([z_c, z_u])
+    z = z.reshape(branches * B * N, -1)
     for j, t in enumerate(steps):
-        step = torch.full((B * N,), t, dtype=torch.long, device=z_c.device)
+        step = torch.full((branches * B * N,), t, dtype=torch.long, device=z_c.device)
         xf = x.reshape(B * N, K)
-        logits = transcoder(xf, step, z_c.reshape(B * N, -1)).float() / opts.temperature
+        logits = transcoder(xf.repeat(branches, 1), step, z).float() / opts.temperature
         if z_u is not None:
-            l_u = transcoder(xf, step, z_u.reshape(B * N, -1)).float() / opts.temperature
-            logits = l_u + cfg * (logits - l_u)
+            l_c, l_u = logits.chunk(2)
+            logits = l_u + cfg * (l_c - l_u)
         p0 = flip_to_p0(logits, xf).view(B, N, K)
         if j == len(steps) - 1:
             return p0
@@ -53,14 +69,14 @@ def order_scores(p0: torch.Tensor, opts: SamplingOptions, gumbel_temp: float, sa
     entropy: confidence plus (scheduled) Gumbel noise; random: a uniform keyed by (seed, sample, s, token), so the
     order does not depend on the model's output; raster: minus the position, so the lowest positions go first."""
     if opts.order == "random":
-        return rng.uniform(opts.seed, sample_index, rng.stream(rng.RANDOM_ORDER, s), (p0.shape[1],))
+        return uniform(opts.seed, sample_index, rng.stream(rng.RANDOM_ORDER, s), (p0.shape[1],))
     if opts.order == "raster":
         return -torch.arange(p0.shape[1], device=p0.device, dtype=torch.float32).expand(p0.shape[0], -1)
     if opts.order != "entropy":
         raise ValueError(f"order must be one of {ORDERS}, got {opts.order!r}")
     conf = confidence(p0)
     if gumbel_temp > 0:
-        conf = conf + gumbel_temp * rng.gumbel(opts.seed, sample_index, rng.stream(rng.GUMBEL, s), (conf.shape[1],))
+        conf = conf + gumbel_temp * rng.to_gumbel(uniform(opts.seed, sample_index, rng.stream(rng.GUMBEL, s), (conf.shape[1],)))
     return conf
 
 
