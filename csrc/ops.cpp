@@ -27,6 +27,13 @@ TORCH_LIBRARY(bigr, m) {
   // through the rotation, dv).
   m.def("rope_attention_backward(Tensor grad_out, Tensor qkv, Tensor cos, Tensor sin, Tensor out, Tensor lse) "
         "-> Tensor");
+  // Attention of A active rows against a persistent K/V cache (the state reuse of sampling): qkv (B, A, 3, H, d)
+  // fresh projections at positions index (B, A) int64 (distinct per row, in [0, S)), k_cache and v_cache (B, H, S, d)
+  // contiguous in qkv's dtype (keys stored rotated), cos/sin (S, d/2) float32. Writes the rotated k and the v of the
+  // active rows into the caches at their positions (in place), then each rotated active query attends over all S
+  // cached keys -> out (B, A, H*d) in qkv's dtype. Inference only (no backward).
+  m.def("rope_attention_cached(Tensor qkv, Tensor index, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
+        "Tensor sin) -> Tensor");
   // The transcoder block's LayerNorm (no affine) + adaLN modulation, fused: x (..., D), shift and scale both x's shape
   // (per-row) or both (D,) -> y = (x - mean) * rstd * (1 + scale) + shift in x's dtype, and mean, rstd (...) float32
   // (float64 for float64 x) for the backward.

@@ -108,6 +108,23 @@ for dtype in (torch.bfloat16, torch.float32):
     flat = torch.randn(2 * S * 3 * 3 * d + 1, generator=g).to(dev, dtype)     # storage offset of one element
     attention_case(f"unaligned view {str(dtype)[6:]}", flat, lambda x: x[1:].view(2, S, 3, 3, d), cos, sin, dtype)
 
+# rope_attention_cached: active rows scattered over the cache, odd S, head dims with and without channel padding;
+# caches and out against the CPU twin (the cache writes bit-exact).
+for dtype, d, S, A in ((torch.float32, 64, 26, 5), (torch.bfloat16, 64, 257, 64), (torch.float16, 96, 50, 50),
+                       (torch.bfloat16, 256, 17, 3)):
+    cos, sin = tables(S, d)
+    qkv = torch.randn(3, A, 3, 2, d, generator=g).to(dtype)
+    index = torch.stack([torch.randperm(S, generator=g)[:A] for _ in range(3)])
+    k0, v0 = (torch.randn(3, 2, S, d, generator=g).to(dtype) for _ in range(2))
+    kd, vd, kr, vr = k0.to(dev), v0.to(dev), k0.clone(), v0.clone()
+    out = ops.rope_attention_cached(qkv.to(dev), index.to(dev), kd, vd, cos, sin)
+    ref = R.rope_attention_cached_ref(qkv.double(), index, kr.double(), vr.double(), cos.cpu(), sin.cpu())
+    R.rope_attention_cached_ref(qkv, index, kr, vr, cos.cpu(), sin.cpu())
+    e = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+    same = torch.equal(kd.cpu(), kr) and torch.equal(vd.cpu(), vr)
+    check(f"rope_attention_cached {str(dtype)[6:]} d={d}", same and e < (1e-5 if dtype == torch.float32 else 2e-2),
+          f"rel err out {e:.2e}, caches {'equal' if same else 'DIFFER'}")
+
 # ln_modulate forward + backward, gated_residual
 for dtype in (torch.float32, torch.bfloat16):
     x = torch.randn(37, 257, generator=g).to(dev, dtype).requires_grad_()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from bigr_engine.sampling.engine import resolve_dtype
+from bigr_engine.sampling.reuse import resolve_reuse
 from bigr_engine.errors import BigrError
 from bigr_engine.io.files import temp_name, write_file_atomic, write_files_atomic
 from bigr_engine.io.images import DECODE_GROUP, decode_to_uint8
@@ -229,7 +230,7 @@ def sample_many(model, bae, out, *, num_images: int, per_class: int, classes, se
     -> the final npz's path, or None when other ranks still have shards to write.
 
     sampling: sampling options of model.generate (cfg, iters, steps, gumbel, schedules, temperature, deterministic,
-    greedy, order; dtype, cuda_graph); the rest take the model's own defaults (`model.default_sampling`), and all of
+    greedy, order; dtype, cuda_graph, reuse); the rest take the model's own defaults (`model.default_sampling`), and all of
     them are recorded in the manifest.
     interrupt_after: stop with KeyboardInterrupt after writing that many shards (to test resuming)."""
     from tqdm.auto import tqdm
@@ -239,11 +240,17 @@ def sample_many(model, bae, out, *, num_images: int, per_class: int, classes, se
     if batch_size < 1:
         raise BigrError(f"--batch-size must be at least 1, got {batch_size}")
     sampling = dict(sampling or {})
-    engine_options = {k: sampling.pop(k) for k in ("dtype", "cuda_graph") if k in sampling}
+    engine_options = {k: sampling.pop(k) for k in ("dtype", "cuda_graph", "reuse") if k in sampling}
     opts = model.sampling_options(**sampling, seed=int(seed))   # the model's defaults under the given options
     # every option that changes the numbers goes into the manifest; the precision resolved ("auto" -> its meaning here)
     recorded = {k: v for k, v in dataclasses.asdict(opts).items() if k != "seed"}
     recorded["dtype"] = str(resolve_dtype(engine_options.get("dtype"), model.device)).replace("torch.", "")
+    reuse = resolve_reuse(engine_options.get("reuse"))
+    if not reuse.exact and backend != "engine":
+        raise BigrError(f"reuse {reuse.preset!r} changes samples and only the engine implements it; "
+                        f"use --backend engine, or --reuse exact")
+    if not reuse.exact:   # approximate reuse changes the numbers ("off" and "exact" do not, so they are not recorded)
+        recorded["reuse"] = {k: v for k, v in dataclasses.asdict(reuse).items() if k != "preset"}
     hw = (bae.cfg.img_size, bae.cfg.img_size)
     settings = {
         "format": FORMAT, "num_images": plan.num_images, "per_class": plan.per_class, "classes": list(plan.classes),

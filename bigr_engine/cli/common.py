@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from bigr_engine.errors import BigrError
+from bigr_engine.sampling.reuse import PRESETS as REUSE_PRESETS
 
 NO_MODEL = ("no model given: pass --ckpt bigr_L_d24.pt (a released BiGR .pt or a .safetensors from `bigr convert`) "
             "and --bae binaryae_ema_1000000.th (the B-AE tokenizer it was trained with)")
@@ -102,6 +103,9 @@ def add_model_and_sampling_flags(p, classes_help: str) -> None:
     p.add_argument("--temperature", type=float, help="transcoder logit temperature (default 1)")
     p.add_argument("--greedy", action="store_true", help="every draw replaced by its mode (fully deterministic)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--reuse", default="exact", choices=list(REUSE_PRESETS),
+                   help="state reuse across iterations: exact (default; the same images as off), off, or fast "
+                        "(approximate: faster, changes the images; its measured quality cost is in the README)")
 
 
 def sampling_from_args(args, model) -> dict:
@@ -112,7 +116,7 @@ def sampling_from_args(args, model) -> dict:
     if args.greedy:
         given["greedy"] = True
     model.sampling_options(**given, seed=args.seed)
-    return {**{k: v for k, v in given.items() if v is not None}, "dtype": args.dtype}
+    return {**{k: v for k, v in given.items() if v is not None}, "dtype": args.dtype, "reuse": args.reuse}
 
 
 def one_line(e: Exception) -> str:

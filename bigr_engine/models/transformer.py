@@ -33,9 +33,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_fn=attention_reference):
-        qkv = self.wqkv(x).unflatten(-1, (3, self.n_head, -1))
-        return self.wo(attn_fn(qkv, cos, sin))
+    # The projections only: Block.qkv and Block.after_attention apply them around the attention function.
 
 
 class FeedForward(nn.Module):
@@ -60,11 +58,25 @@ class Block(nn.Module):
             self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, cfg.dim))
 
     def forward(self, x, ada, cos, sin, attn_fn=attention_reference):
+        return self.after_attention(x, attn_fn(self.qkv(x, ada), cos, sin), ada)
+
+    # The block in two halves around the attention, so a sampler can run them on a subset of rows (sampling.reuse):
+    # every op in them is per row.
+    def qkv(self, x, ada):
+        """(B, S, D) residual stream -> the attention's input projections (B, S, 3, H, d), before RoPE."""
+        h = self.attention_norm(x)
+        if ada is not None:
+            shift_a, scale_a = (ada[:, :, :2] + self.ada_gss[:, :, :2]).unbind(2)
+            h = modulate(h, shift_a, scale_a)
+        return self.attention.wqkv(h).unflatten(-1, (3, self.attention.n_head, -1))
+
+    def after_attention(self, x, attn, ada):
+        """The residual stream x and the attention's output (B, S, H*d) -> the block's output."""
         if ada is None:
-            h = x + self.attention(self.attention_norm(x), cos, sin, attn_fn)
+            h = x + self.attention.wo(attn)
             return h + self.feed_forward(self.ffn_norm(h))
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (ada + self.ada_gss).unbind(2)
-        h = x + gate_a * self.attention(modulate(self.attention_norm(x), shift_a, scale_a), cos, sin, attn_fn)
+        gate_a, shift_f, scale_f, gate_f = (ada[:, :, 2:] + self.ada_gss[:, :, 2:]).unbind(2)
+        h = x + gate_a * self.attention.wo(attn)
         return h + gate_f * self.feed_forward(modulate(self.ffn_norm(h), shift_f, scale_f))
 
 

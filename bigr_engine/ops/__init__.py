@@ -8,7 +8,8 @@
 - `rng`: the counter-based random numbers every draw comes from; `packing`: codes <-> bit-packed words.
 """
 from bigr_engine.ops.compiled import (fused_attention, gated_residual, ln_modulate, pack_bits, posterior_step,
-                                      rng_bits, rng_uniform, rope_attention, unmask_topk, unpack_bits)
+                                      rng_bits, rng_uniform, rope_attention, rope_attention_cached, unmask_topk,
+                                      unpack_bits)
 
 __all__ = ["fused_attention", "gated_residual", "ln_modulate", "pack_bits", "posterior_step", "rng_bits",
-           "rng_uniform", "rope_attention", "unmask_topk", "unpack_bits"]
+           "rng_uniform", "rope_attention", "rope_attention_cached", "unmask_topk", "unpack_bits"]

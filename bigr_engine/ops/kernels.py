@@ -19,6 +19,7 @@ from bigr_engine.ops import compiled, loader, reference, selftest
 # kernel -> (the self-tested op it runs on, what it replaces)
 KERNELS = {
     "attention": ("rope_attention", "the transformer's RoPE + SDPA attention (forward and backward)"),
+    "attention_cached": ("rope_attention_cached", "the state-reuse attention of active rows against the K/V cache"),
     "ln_modulate": ("ln_modulate", "the transcoder blocks' F.layer_norm + modulate"),
     "gated_residual": ("gated_residual", "the transcoder blocks' x + gate * h"),
     "posterior_step": ("posterior_step", "the engine's per-step CFG, posterior and draws"),
@@ -27,6 +28,7 @@ KERNELS = {
     "pack_bits": ("pack_bits", "bit packing of code datasets"),
 }
 CUDA_ATTENTION_HEAD_DIMS = compiled.CUDA_ATTENTION_HEAD_DIMS
+CUDA_CACHED_ATTENTION_MAX_HEAD_DIM = compiled.CUDA_CACHED_ATTENTION_MAX_HEAD_DIM
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,14 @@ class Kernels:
         return compiled.fused_attention if "attention" in self.used else reference.attention_reference
 
     @property
+    def attention_cached(self):
+        """The attention of active rows against the K/V cache (qkv, index, k_cache, v_cache, cos, sin) -> out:
+        the fused op, or its plain-PyTorch twin."""
+        if "attention_cached" in self.used:
+            return compiled.rope_attention_cached
+        return reference.rope_attention_cached_ref
+
+    @property
     def fused_blocks(self) -> bool:
         """Whether the transcoder blocks run ln_modulate and gated_residual."""
         return {"ln_modulate", "gated_residual"} <= self.used
@@ -64,7 +74,7 @@ class Kernels:
         rows = [f"kernels for {self.device}, {str(self.dtype).replace('torch.', '')}, head dim {self.head_dim}:"]
         why = dict(self.rejected)
         for name, (_op, what) in KERNELS.items():
-            rows.append(f"  {name:<15} {'compiled' if name in self.used else 'plain   '}  "
+            rows.append(f"  {name:<16} {'compiled' if name in self.used else 'plain   '}  "
                         f"{what if name in self.used else why[name]}")
         return "\n".join(rows)
 
@@ -82,6 +92,9 @@ def _reason(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) 
         return why
     if name == "attention" and device.type == "cuda" and head_dim not in CUDA_ATTENTION_HEAD_DIMS:
         return f"the CUDA attention kernels take head dims {CUDA_ATTENTION_HEAD_DIMS}, this model has {head_dim}"
+    if name == "attention_cached" and device.type == "cuda" and head_dim > CUDA_CACHED_ATTENTION_MAX_HEAD_DIM:
+        return (f"the CUDA cached-attention kernel takes head dims up to {CUDA_CACHED_ATTENTION_MAX_HEAD_DIM}, this "
+                f"model has {head_dim}")
     res = selftest.check(op, device, dtype, head_dim)
     if not res.ok:
         return f"failed its self-test on {device}: {res.detail}"

@@ -209,6 +209,35 @@ def rope_attention_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return out, torch.logsumexp(logits, dim=-1)
 
 
+def rope_attention_cached_ref(qkv: torch.Tensor, index: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Attention for a subset of positions against a persistent K/V cache (the state reuse of sampling.reuse).
+
+    qkv (B, A, 3, H, d): fresh projections of the A active rows per batch row, at positions index (B, A) int64 (distinct
+    within a row, in [0, S)); k_cache, v_cache (B, H, S, d) in qkv's dtype, keys stored already rotated; cos/sin (S, d/2).
+    First the active rows' rotated keys and values are written into the caches at their positions (in place), then
+    each active query (rotated at its position) attends over all S cached keys: -> out (B, A, H*d) in qkv's dtype. With
+    A = S and index = arange(S) it is attention_reference. Softmax in float32 (float64 for float64 inputs)."""
+    B, A, _, H, d = qkv.shape
+    q, k, v = qkv.unbind(2)
+    c, s = cos[index], sin[index]                                         # (B, A, d/2)
+
+    def rot(x):                                                           # apply_rope at per-row positions
+        xf = x.float().unflatten(-1, (-1, 2)) if x.dtype != torch.float64 else x.unflatten(-1, (-1, 2))
+        x0, x1 = xf[..., 0], xf[..., 1]
+        cc, ss = c[:, :, None, :].to(xf.dtype), s[:, :, None, :].to(xf.dtype)
+        return torch.stack([x0 * cc - x1 * ss, x1 * cc + x0 * ss], dim=-1).flatten(-2).to(x.dtype)
+
+    q, k = rot(q), rot(k)
+    at = index[:, None, :, None].expand(B, H, A, d)
+    k_cache.scatter_(2, at, k.transpose(1, 2).to(k_cache.dtype))
+    v_cache.scatter_(2, at, v.transpose(1, 2).to(v_cache.dtype))
+    acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    logits = torch.einsum("bahd,bhsd->bhas", q.to(acc), k_cache.to(acc)) / math.sqrt(d)
+    out = torch.einsum("bhas,bhsd->bahd", torch.softmax(logits, dim=-1), v_cache.to(acc))
+    return out.flatten(2).to(qkv.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # The transcoder block's ops (csrc/transcoder/transcoder.h). Math in float32 (float64 for float64 inputs), rounded once to the
 # input dtype at the end, as the kernels do; the release's own composite (F.layer_norm, then modulate, in the input

@@ -28,10 +28,12 @@ CHECKED_OPS = {
     "posterior_step": ("bigr::posterior_step",),
     "unmask_topk": ("bigr::unmask_topk",),
     "rope_attention": ("bigr::rope_attention", "bigr::rope_attention_backward"),
+    "rope_attention_cached": ("bigr::rope_attention_cached",),
     "ln_modulate": ("bigr::ln_modulate", "bigr::ln_modulate_backward"),
     "gated_residual": ("bigr::gated_residual",),
 }
-DTYPE_DEPENDENT = ("rope_attention", "ln_modulate", "gated_residual", "posterior_step")
+DTYPE_DEPENDENT = ("rope_attention", "rope_attention_cached", "ln_modulate", "gated_residual", "posterior_step")
+HEAD_DIM_DEPENDENT = ("rope_attention", "rope_attention_cached")
 # Tolerance floors (absolute, on O(1) values) added to 4x the same-dtype PyTorch error.
 FLOOR = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -51,7 +53,7 @@ _results: dict[tuple, Result] = {}
 
 
 def _key(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple:
-    return (op, str(device), dtype if op in DTYPE_DEPENDENT else None, head_dim if op == "rope_attention" else None)
+    return (op, str(device), dtype if op in DTYPE_DEPENDENT else None, head_dim if op in HEAD_DIM_DEPENDENT else None)
 
 
 def check(op: str, device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> Result:
@@ -215,6 +217,25 @@ def _check_attention(device, dtype, head_dim):
                  _close("backward", k_in.grad, truth_in.grad, ref_in.grad, dtype))
 
 
+def _check_attention_cached(device, dtype, head_dim):
+    """5 of 17 positions active per row (scattered, unsorted), 3 rows: the out and both caches against the twin."""
+    g = _gen(8)
+    B, S, A, H = 3, 17, 5, 2
+    qkv64 = torch.randn(B, A, 3, H, head_dim, generator=g, dtype=torch.float64)
+    index = torch.stack([torch.randperm(S, generator=g)[:A] for _ in range(B)])
+    k64, v64 = (torch.randn(B, H, S, head_dim, generator=g, dtype=torch.float64).to(dtype).double() for _ in range(2))
+    cos, sin = reference.rope_2d_table(4, head_dim)
+    k_t, v_t = k64.clone(), v64.clone()
+    truth = reference.rope_attention_cached_ref(qkv64, index, k_t, v_t, cos, sin)
+    k_r, v_r = k64.to(dtype), v64.to(dtype)
+    ref = reference.rope_attention_cached_ref(qkv64.to(dtype), index, k_r, v_r, cos, sin)
+    k_got, v_got = k64.to(dtype).to(device), v64.to(dtype).to(device)
+    got = compiled.rope_attention_cached(qkv64.to(dtype).to(device), index.to(device), k_got, v_got, cos.to(device),
+                                         sin.to(device))
+    return _join(_close("out", got, truth, ref, dtype), _close("k_cache", k_got, k_t, k_r, dtype),
+                 _exact("v_cache", v_got, v_r))
+
+
 def _check_ln_modulate(device, dtype, head_dim):
     g = _gen(6)
     M, D = 7, 48
@@ -251,6 +272,7 @@ CHECKS = {
     "posterior_step": _check_posterior,
     "unmask_topk": _check_unmask,
     "rope_attention": _check_attention,
+    "rope_attention_cached": _check_attention_cached,
     "ln_modulate": _check_ln_modulate,
     "gated_residual": _check_gated_residual,
 }
@@ -258,7 +280,7 @@ assert CHECKS.keys() == CHECKED_OPS.keys()
 
 
 def table(results: list[Result]) -> str:
-    lines = [f"{'op':<16} {'device':<8} {'dtype':<9} {'result':<7} {'ms':>7}  detail"]
+    lines = [f"{'op':<21} {'device':<8} {'dtype':<9} {'result':<7} {'ms':>7}  detail"]
     for r in results:
-        lines.append(f"{r.op:<16} {r.device:<8} {r.dtype:<9} {'ok' if r.ok else 'FAILED':<7} {r.ms:7.1f}  {r.detail}")
+        lines.append(f"{r.op:<21} {r.device:<8} {r.dtype:<9} {'ok' if r.ok else 'FAILED':<7} {r.ms:7.1f}  {r.detail}")
     return "\n".join(lines)

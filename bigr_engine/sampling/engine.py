@@ -23,7 +23,7 @@ from bigr_engine.errors import BigrError
 from bigr_engine.models.transcoder import flip_to_p0, inference_steps, posterior_one
 from bigr_engine.ops import compiled, kernels as kernel_choice, rng
 from bigr_engine.ops.kernels import Kernels
-from bigr_engine.sampling import graphs
+from bigr_engine.sampling import graphs, reuse as state_reuse
 from bigr_engine.sampling.options import SamplingOptions, cfg_at, gumbel_at, masked_after
 from bigr_engine.sampling.reference import confidence, prepare_batch
 
@@ -137,14 +137,19 @@ class _Plan:
     tables: dict
     kernels: Kernels
     dtype: torch.dtype
+    reuse: state_reuse.Reuse
+    reuse_rounds: list      # a RoundReuse per round (full or cached, active-set sizes); empty when reuse is "off"
 
 
-def _make_plan(model, opts: SamplingOptions, kernels: Kernels, dtype: torch.dtype) -> _Plan:
+def _make_plan(model, opts: SamplingOptions, kernels: Kernels, dtype: torch.dtype, reuse: state_reuse.Reuse) -> _Plan:
     dev = model.device
     steps = inference_steps(model.cfg.train_steps, opts.steps)
     with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
         temb = model.transcoder.t_embedder(torch.tensor(steps, device=dev) - 1)          # (S, Hd)
-    return _Plan(rounds_for(opts, model.cfg.num_tokens), steps, temb, model.schedule(dev), kernels, dtype)
+    rounds = rounds_for(opts, model.cfg.num_tokens)
+    off = not (reuse.layer0 or reuse.cache)
+    return _Plan(rounds, steps, temb, model.schedule(dev), kernels, dtype, reuse,
+                 [] if off else state_reuse.plan_reuse(reuse, rounds))
 
 
 def _run(model, plan: _Plan, labels, null, sample_index, opts: SamplingOptions, progress: bool) -> torch.Tensor:
@@ -169,19 +174,35 @@ def _rounds(model, plan, rounds, codes, mask, cond_labels, sample_index, opts, u
     kernels = plan.kernels
     bit = torch.arange(K, device=dev)
     branches = 2 if use_cfg else 1
-    for r in rounds:
-        z = model.transformer.conditions(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels,
-                                         attn_fn=kernels.attention)
+    state = state_reuse.ReuseState(plan.reuse, B, codes.shape[1], K, dev) if plan.reuse_rounds else None
+    for i, r in enumerate(rounds):
         # masked positions in ascending order (a stable sort of the mask needs no device-to-host copy)
         idx = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :r.n]   # (B, n)
-        z_m = torch.gather(z, 1, idx.repeat(branches, 1)[..., None].expand(-1, -1, z.shape[-1]))
-        cz = model.transcoder.c_embedder(z_m.reshape(branches * B * r.n, -1))
+        tok = idx           # the tokens that go through the transcoder this round
+        if state is None:
+            z = model.transformer.conditions(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels,
+                                             attn_fn=kernels.attention)
+        elif plan.reuse_rounds[i].full:
+            z = state_reuse.conditions_full(model, codes, mask, cond_labels, kernels, state, plan.reuse_rounds[i],
+                                            branches)
+        else:
+            z, tok = state_reuse.conditions_cached(model, codes, mask, cond_labels, kernels, state,
+                                                   plan.reuse_rounds[i], branches, confidence)
+        if tok is idx:
+            z = torch.gather(z, 1, idx.repeat(branches, 1)[..., None].expand(-1, -1, z.shape[-1]))
+        cz = model.transcoder.c_embedder(z.reshape(branches * B * tok.shape[1], -1))
         if kernels.uses("posterior_step"):
             p0 = transcode_masked_ops(model.transcoder, cz, plan.temb, plan.steps, r.cfg, use_cfg, opts,
-                                      plan.tables, sample_index, r.iteration, idx, K, kernels)
+                                      plan.tables, sample_index, r.iteration, tok, K, kernels)
         else:
             p0 = transcode_masked(model.transcoder, cz, plan.temb, plan.steps, r.cfg, use_cfg, opts, plan.tables,
-                                  sample_index, r.iteration, idx[..., None] * K + bit, kernels)
+                                  sample_index, r.iteration, tok[..., None] * K + bit, kernels)
+        if state is not None:
+            if plan.reuse.cache:   # the p0 of every masked token: fresh for those just computed, kept for the rest
+                state.p0.scatter_(1, tok[..., None].expand(-1, -1, K), p0)
+                if tok is not idx:
+                    p0 = torch.gather(state.p0, 1, idx[..., None].expand(-1, -1, K))
+            state.prev_mask = mask.clone()
         if kernels.uses("unmask_topk"):
             k = torch.full((B,), r.count, device=dev, dtype=torch.int64)
             compiled.unmask_topk(p0, idx, k, codes, mask, r.gumbel, opts.seed, sample_index,
@@ -228,13 +249,15 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 @torch.no_grad()
 def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: torch.Tensor | None = None,
              progress: bool = False, ops: bool | None = None, dtype=None, cuda_graph: bool | None = None,
-             kernels: Kernels | None = None) -> torch.Tensor:
+             kernels: Kernels | None = None, reuse=None) -> torch.Tensor:
     """Drop-in for `reference.generate` (full generation from all-masked, entropy order): -> codes (B,N,K) uint8.
 
     ops: use the compiled kernels (default: those that run and passed their self-test on the model's device), or
     pass `kernels` (an ops.kernels.Kernels) chosen by the caller. dtype: the matmul precision under autocast (default
     bfloat16 on CUDA, float32 elsewhere). cuda_graph: capture the call as a CUDA graph per batch bucket (default on
-    CUDA unless a progress bar is asked for). Reads the model, never changes it: concurrent calls are safe."""
+    CUDA unless a progress bar is asked for). reuse: state reuse across iterations (sampling.reuse): "exact" (the
+    default; same codes), "off", "fast" (approximate: changes samples) or a dict of parameters. Reads the model,
+    never changes it: concurrent calls are safe."""
     if opts.order != "entropy":
         raise BigrError(f"the engine samples in entropy order only; use backend='reference' for order={opts.order!r}")
     dev = model.device
@@ -245,7 +268,7 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
         raise BigrError("cuda_graph=True needs the model on a CUDA device")
     if kernels is None:
         kernels = choose_kernels(model, dt, ops)
-    plan = _make_plan(model, opts, kernels, dt)
+    plan = _make_plan(model, opts, kernels, dt, state_reuse.resolve_reuse(reuse))
     labels, sample_index, null = prepare_batch(model, labels, sample_index)
     if cuda_graph:
         return graphs.replay(model, plan, labels, null, sample_index, opts,

@@ -91,7 +91,8 @@ def cache_for(model: torch.nn.Module) -> GraphCache:
 
 
 def graph_key(Bp: int, labels: torch.Tensor, opts, plan) -> tuple:
-    return (Bp, labels.dtype, tuple(labels.shape[1:]), astuple(opts), plan.dtype, plan.kernels, str(labels.device))
+    return (Bp, labels.dtype, tuple(labels.shape[1:]), astuple(opts), plan.dtype, plan.kernels, plan.reuse,
+            str(labels.device))
 
 
 def replay(model, plan, labels, null, sample_index, opts, fn) -> torch.Tensor:

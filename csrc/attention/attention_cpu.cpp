@@ -1,4 +1,5 @@
-// CPU kernels: rope_attention forward and backward (bidirectional softmax attention with 2D RoPE on q and k).
+// CPU kernels: rope_attention forward and backward (bidirectional softmax attention with 2D RoPE on q and k), and
+// rope_attention_cached (the forward for a subset of rows against a K/V cache; see cached_impl).
 //
 // Flash-style. Each task owns a block of rows of one (batch, head): queries in the forward and the dq pass, keys in the
 // dk/dv pass, and walks the other side in column blocks with an online softmax (forward) or with the saved
@@ -396,11 +397,13 @@ int64_t grain_for(int64_t flops_per_task, int64_t min_flops) {
 // Blocking: rows per task (<= 64, balanced over the sequence) and columns per inner block (<= 256, multiple of VL).
 struct Blocking {
   int64_t rows, nrb, cols;
-  explicit Blocking(int64_t S) {
-    nrb = (S + 63) / 64;
-    rows = (S + nrb - 1) / nrb;
-    const int64_t ncb = (S + 255) / 256;
-    cols = round_up((S + ncb - 1) / ncb, VL);
+  explicit Blocking(int64_t S) : Blocking(S, S) {}
+  // n_rows query rows against n_cols keys (rope_attention_cached: A active rows, S cached keys).
+  Blocking(int64_t n_rows, int64_t n_cols) {
+    nrb = (n_rows + 63) / 64;
+    rows = nrb > 0 ? (n_rows + nrb - 1) / nrb : 0;
+    const int64_t ncb = (n_cols + 255) / 256;
+    cols = ncb > 0 ? round_up((n_cols + ncb - 1) / ncb, VL) : VL;
   }
 };
 
@@ -592,6 +595,90 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& qkv, const at::
   });
 }
 
+// rope_attention_cached, in two passes. (1) The active rows' k, rotated at their positions (rounded to the input
+// dtype as in rope_attention), and their v are written into the caches; parallel over (batch, active row), no two
+// rows write the same place as positions are distinct within a batch row. (2) After that pass has finished (the
+// parallel_for returns only when every chunk has), the forward's flash loop runs for the active queries against all
+// S cached keys of their (batch, head): tasks are (batch*head, block of active rows), head-major, and a thread
+// prepares a head's keys (transposed) and values from the caches once per contiguous range of tasks.
+template <typename scalar_t, typename T>
+void cached_impl(const at::Tensor& qkv, const int64_t* pos, at::Tensor& k_cache, at::Tensor& v_cache,
+                 const at::Tensor& cos, const at::Tensor& sin, const CachedAttnDims& d, at::Tensor& out) {
+  const int64_t A = d.A, S = d.S, H = d.H, D = d.D, half = D / 2, BH = d.B * H;
+  const int64_t Dp = round_up(D, VL), Sp = round_up(S, VL);
+  const QkvView<scalar_t> x = qkv_view<scalar_t>(qkv);
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  scalar_t* kc = k_cache.data_ptr<scalar_t>();
+  scalar_t* vc = v_cache.data_ptr<scalar_t>();
+  scalar_t* o_out = out.data_ptr<scalar_t>();
+
+  // (1) the cache writes
+  at::parallel_for(0, d.B * A, grain_for(8 * H * D, kMinTaskFlops), [&](int64_t lo, int64_t hi) {
+    for (int64_t ba = lo; ba < hi; ++ba) {
+      const int64_t b = ba / A, a = ba % A, p = pos[ba];
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t off = ((b * H + h) * S + p) * D;
+        rope_row(x.row(b, a, 1, h), cs + p * half, sn + p * half, half, kc + off);
+        std::copy_n(x.row(b, a, 2, h), D, vc + off);
+      }
+    }
+  });
+
+  // (2) the attention of the active queries over the caches
+  const Blocking blk(A, S);
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(D)));
+  const int64_t R = blk.rows, C = blk.cols;
+  const int64_t ws = D * Sp + S * Dp + 2 * R * Dp + R * C + 3 * R;
+  at::parallel_for(0, BH * blk.nrb, grain_for(4 * R * S * D, kMinTaskFlops), [&](int64_t lo, int64_t hi) {
+    T* kt = thread_workspace<T>(ws);
+    T* v = kt + D * Sp;
+    T* q = v + S * Dp;
+    T* o = q + R * Dp;
+    T* s = o + R * Dp;
+    T* m = s + R * C;
+    T* l = m + R;
+    T* corr = l + R;
+    int64_t ready = -1;
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t bh = task / blk.nrb, b = bh / H, h = bh % H;
+      const int64_t r0 = (task % blk.nrb) * R, nr = std::min(R, A - r0);
+      if (bh != ready) {  // this head's cached keys transposed (kt: D rows of Sp) and values as rows (S x Dp)
+        const scalar_t* kh = kc + bh * S * D;
+        const scalar_t* vh = vc + bh * S * D;
+        for (int64_t j = 0; j < S; ++j) {
+          for (int64_t c = 0; c < D; ++c) kt[c * Sp + j] = static_cast<T>(kh[j * D + c]);
+          for (int64_t c = 0; c < D; ++c) v[j * Dp + c] = static_cast<T>(vh[j * D + c]);
+          for (int64_t c = D; c < Dp; ++c) v[j * Dp + c] = T(0);
+        }
+        for (int64_t c = 0; c < D; ++c)
+          for (int64_t j = S; j < Sp; ++j) kt[c * Sp + j] = T(0);
+        ready = bh;
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t p = pos[b * A + r0 + r];
+        T* qr = q + r * Dp;
+        rope_row(x.row(b, r0 + r, 0, h), cs + p * half, sn + p * half, half, qr);
+        std::fill(qr + D, qr + Dp, T(0));
+      }
+      std::fill(o, o + R * Dp, T(0));
+      std::fill(m, m + R, -std::numeric_limits<T>::infinity());
+      std::fill(l, l + R, T(0));
+      for (int64_t c0 = 0; c0 < S; c0 += C) {
+        const int nc = static_cast<int>(std::min(C, S - c0)), ncp = static_cast<int>(round_up(nc, VL));
+        Prim<T>::score(q, Dp, kt + c0, Sp, s, C, nr, ncp, D, scale);
+        Prim<T>::softmax_step(s, C, nr, nc, ncp, m, l, corr);
+        Prim<T>::acc(o, Dp, corr, s, C, v + c0 * Dp, Dp, nr, nc, Dp);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const T inv = T(1) / l[r];
+        scalar_t* dst = o_out + ((b * A + r0 + r) * H + h) * D;
+        for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<scalar_t>(o[r * Dp + c] * inv);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
@@ -625,10 +712,39 @@ at::Tensor rope_attention_backward_cpu(const at::Tensor& grad_out_in, const at::
   return grad;
 }
 
+at::Tensor rope_attention_cached_cpu(const at::Tensor& qkv_in, const at::Tensor& index_in, at::Tensor& k_cache,
+                                     at::Tensor& v_cache, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  const char* op = "rope_attention_cached";
+  const CachedAttnDims d = check_rope_attention_cached_inputs(op, qkv_in, index_in, k_cache, v_cache, cos_in, sin_in);
+  const at::Tensor qkv = last_dim_contiguous(qkv_in), cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  const at::Tensor index = index_in.contiguous();
+  at::Tensor out = at::empty({d.B, d.A, d.H * d.D}, qkv.options());
+  if (out.numel() == 0) return out;
+  // Positions in range and distinct within each batch row, before anything is written (a duplicate would make two
+  // rows write one cache slot, and the result depend on their order).
+  const int64_t* pos = index.data_ptr<int64_t>();
+  std::vector<uint8_t> seen(d.S);
+  for (int64_t b = 0; b < d.B; ++b) {
+    std::fill(seen.begin(), seen.end(), uint8_t{0});
+    for (int64_t a = 0; a < d.A; ++a) {
+      const int64_t p = pos[b * d.A + a];
+      BIGR_CHECK(p >= 0 && p < d.S, op, ": index[", b, ", ", a, "] = ", p, " is outside the cache's positions 0..",
+                 d.S - 1);
+      BIGR_CHECK(!seen[p], op, ": index[", b, "] holds position ", p, " twice (positions must be distinct per row)");
+      seen[p] = 1;
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_attention_cached_cpu", [&] {
+    cached_impl<scalar_t, math_t<scalar_t>>(qkv, pos, k_cache, v_cache, cos, sin, d, out);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace bigr
 
 TORCH_LIBRARY_IMPL(bigr, CPU, m) {
   m.impl("rope_attention", &bigr::rope_attention_cpu);
   m.impl("rope_attention_backward", &bigr::rope_attention_backward_cpu);
+  m.impl("rope_attention_cached", &bigr::rope_attention_cached_cpu);
 }

@@ -13,6 +13,7 @@
 // the other owns key rows and makes dk and dv, so no two CTAs write the same row (no atomics). delta = rowsum(dO * O)
 // comes from ATen beforehand. dq and dk are turned back through the rotation in registers before the store.
 // Head dims 64 and 128 are instantiated per dtype.
+// rope_attention_cached (the active rows against a K/V cache): a simple float32 SIMT kernel at the end of the file.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,6 +21,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -862,10 +864,235 @@ at::Tensor rope_attention_backward_cuda(const at::Tensor& grad_out_in, const at:
   return grad;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// rope_attention_cached: A active rows per batch row against a K/V cache (B, H, S, d), any even head dim up to 256,
+// float32 math for every dtype (SIMT; the active sets are small, so this is simple rather than tensor-core fast).
+//
+// Two launches on the current stream: cached_write_kernel puts the active rows' rotated keys and values into the
+// caches, then cached_attn_kernel lets every active query attend over all S cached keys. The attention of one
+// (batch, head) needs the keys of all A active rows of that batch row, written by other CTAs; stream order between
+// the launches gives that without a grid-wide barrier. The alternative, one CTA per (batch, head) that writes its
+// rows, syncs and then attends, would cap the parallelism at B*H CTAs, and the write costs little (A*H*d elements).
+// No host sync, nothing allocated beyond `out`: CUDA-graph safe. Positions are not range-checked on the device (that
+// needs a sync); a position outside [0, S) writes nothing and gives that row NaN instead of touching other memory.
+
+constexpr int kCachedRowsPerWarp = 2;
+constexpr int kCachedRows = (kThreads / 32) * kCachedRowsPerWarp;  // active rows per CTA
+constexpr int kCachedKeys = 32;                                    // keys per shared tile: one per lane
+constexpr int kCachedMaxHeadDim = 256;
+
+__device__ __forceinline__ float cvt_in(float x) { return x; }
+__device__ __forceinline__ float cvt_in(__half x) { return __half2float(x); }
+__device__ __forceinline__ float cvt_in(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T cvt_out(float x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else return Elem<T>::from_float(x);
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, off));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFullMask, x, off);
+  return x;
+}
+
+// One thread per (batch, active row, head, channel pair), grid-stride: k turned by RoPE at the row's position
+// (float32 math, rounded to T as transformer.apply_rope does), v copied.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cached_write_kernel(const T* __restrict__ qkv, QkvStrides st,
+                                                                const int64_t* __restrict__ index,
+                                                                T* __restrict__ k_cache, T* __restrict__ v_cache,
+                                                                const float* __restrict__ cos,
+                                                                const float* __restrict__ sin, int64_t n, int A,
+                                                                int S, int H, int D) {
+  const int half = D / 2;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int p = static_cast<int>(i % half);
+    int64_t r = i / half;
+    const int h = static_cast<int>(r % H);
+    r /= H;
+    const int a = static_cast<int>(r % A);
+    const int64_t b = r / A;
+    const int64_t pos = index[b * A + a];
+    if (pos < 0 || pos >= S) continue;
+    const T* src = qkv + b * st.sB + a * st.sS + h * st.sH + 2 * p;
+    const float x0 = cvt_in(src[st.s3]), x1 = cvt_in(src[st.s3 + 1]);
+    const float c = cos[pos * half + p], sn = sin[pos * half + p];
+    const int64_t dst = ((b * H + h) * S + pos) * D + 2 * p;
+    k_cache[dst] = cvt_out<T>(rot0(x0, x1, c, sn));
+    k_cache[dst + 1] = cvt_out<T>(rot1(x0, x1, c, sn));
+    v_cache[dst] = src[2 * st.s3];
+    v_cache[dst + 1] = src[2 * st.s3 + 1];
+  }
+}
+
+// Grid: B * H * ceil(A / kCachedRows) CTAs of 4 warps, CTA (b, h, tile) owning active rows tile*8 .. tile*8+7 of
+// batch row b, warp w rows 2w and 2w+1. Shared, float32: the CTA's rotated queries (8 x d), then per step a tile of 32
+// cached keys (row stride d + 1, odd, so that lane j reading key j is conflict-free) and values (rows padded to
+// 32 * NC channels with zeros). Scores: lane j computes key j's logit; online softmax in the log2 domain across the
+// warp; P V: lane l accumulates channels l + 32 i (i < NC) with key j's probability broadcast by a shuffle.
+template <typename T, int NC>
+__global__ void __launch_bounds__(kThreads) cached_attn_kernel(const T* __restrict__ qkv, QkvStrides st,
+                                                               const int64_t* __restrict__ index,
+                                                               const T* __restrict__ k_cache,
+                                                               const T* __restrict__ v_cache,
+                                                               const float* __restrict__ cos,
+                                                               const float* __restrict__ sin, T* __restrict__ out,
+                                                               int A, int S, int H, int D, int tiles,
+                                                               float scale_log2) {
+  constexpr int DP = 32 * NC, BN = kCachedKeys;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int LK = D + 1, half = D / 2;
+  float* sQ = reinterpret_cast<float*>(smem);
+  float* sK = sQ + kCachedRows * D;
+  float* sV = sK + BN * LK;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int tile = static_cast<int>(blockIdx.x % tiles);
+  const int64_t bh = blockIdx.x / tiles, b = bh / H;
+  const int h = static_cast<int>(bh % H), a0 = tile * kCachedRows;
+
+  for (int i = threadIdx.x; i < kCachedRows * half; i += blockDim.x) {
+    const int r = i / half, p = i % half, a = a0 + r;
+    float q0 = 0.f, q1 = 0.f;
+    if (a < A) {
+      const int64_t pos = index[b * A + a];
+      if (pos >= 0 && pos < S) {
+        const T* src = qkv + b * st.sB + static_cast<int64_t>(a) * st.sS + h * st.sH + 2 * p;
+        const float x0 = cvt_in(src[0]), x1 = cvt_in(src[1]);
+        const float c = cos[pos * half + p], sn = sin[pos * half + p];
+        q0 = cvt_in(cvt_out<T>(rot0(x0, x1, c, sn)));
+        q1 = cvt_in(cvt_out<T>(rot1(x0, x1, c, sn)));
+      } else {
+        q0 = q1 = NAN;
+      }
+    }
+    sQ[r * D + 2 * p] = q0;
+    sQ[r * D + 2 * p + 1] = q1;
+  }
+
+  const T* kh = k_cache + bh * S * D;
+  const T* vh = v_cache + bh * S * D;
+  float o[kCachedRowsPerWarp][NC];
+  float m[kCachedRowsPerWarp], l[kCachedRowsPerWarp];
+#pragma unroll
+  for (int rr = 0; rr < kCachedRowsPerWarp; ++rr) {
+    m[rr] = -INFINITY;
+    l[rr] = 0.f;
+#pragma unroll
+    for (int i = 0; i < NC; ++i) o[rr][i] = 0.f;
+  }
+  for (int k0 = 0; k0 < S; k0 += BN) {
+    __syncthreads();  // the queries are in place; the previous tile is consumed
+    for (int i = threadIdx.x; i < BN * DP; i += blockDim.x) {
+      const int j = i / DP, c = i % DP, s = k0 + j;
+      const bool ok = s < S && c < D;
+      const int64_t off = static_cast<int64_t>(ok ? s : 0) * D + (ok ? c : 0);
+      if (c < D) sK[j * LK + c] = ok ? cvt_in(kh[off]) : 0.f;
+      sV[j * DP + c] = ok ? cvt_in(vh[off]) : 0.f;
+    }
+    __syncthreads();
+    const int nk = min(BN, S - k0);  // valid keys in this tile (>= 1)
+    const float* kr = sK + lane * LK;
+#pragma unroll
+    for (int rr = 0; rr < kCachedRowsPerWarp; ++rr) {
+      const float* qr = sQ + (warp * kCachedRowsPerWarp + rr) * D;
+      float a = 0.f;
+#pragma unroll 8
+      for (int c = 0; c < D; ++c) a += qr[c] * kr[c];
+      const float sc = lane < nk ? a * scale_log2 : -INFINITY;
+      const float m_new = fmaxf(m[rr], warp_max(sc));  // finite: lane 0's key is valid
+      const float corr = exp2f(m[rr] - m_new);         // 0 on the first tile
+      const float pr = exp2f(sc - m_new);              // 0 for the tile's missing keys
+      l[rr] = l[rr] * corr + warp_sum(pr);
+      m[rr] = m_new;
+#pragma unroll
+      for (int i = 0; i < NC; ++i) o[rr][i] *= corr;
+      for (int j = 0; j < nk; ++j) {
+        const float pj = __shfl_sync(kFullMask, pr, j);
+#pragma unroll
+        for (int i = 0; i < NC; ++i) o[rr][i] += pj * sV[j * DP + lane + 32 * i];
+      }
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < kCachedRowsPerWarp; ++rr) {
+    const int a = a0 + warp * kCachedRowsPerWarp + rr;
+    if (a < A) {
+      const float inv = 1.f / l[rr];
+      T* dst = out + ((b * A + a) * H + h) * D;
+#pragma unroll
+      for (int i = 0; i < NC; ++i) {
+        const int c = lane + 32 * i;
+        if (c < D) dst[c] = cvt_out<T>(o[rr][i] * inv);
+      }
+    }
+  }
+}
+
+template <typename T, int NC>
+void cached_cuda(const at::Tensor& qkv, const at::Tensor& index, at::Tensor& k_cache, at::Tensor& v_cache,
+                 const at::Tensor& cos, const at::Tensor& sin, const CachedAttnDims& d, at::Tensor& out) {
+  const int A = static_cast<int>(d.A), S = static_cast<int>(d.S), H = static_cast<int>(d.H);
+  const int D = static_cast<int>(d.D);
+  const auto* x = reinterpret_cast<const T*>(qkv.data_ptr());
+  const int64_t* ix = index.data_ptr<int64_t>();
+  auto* kc = reinterpret_cast<T*>(k_cache.data_ptr());
+  auto* vc = reinterpret_cast<T*>(v_cache.data_ptr());
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  const int64_t n = d.B * d.A * d.H * (d.D / 2);
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{1} << 16);
+  launch(cached_write_kernel<T>, dim3(static_cast<unsigned>(blocks)), 0, x, qkv_strides(qkv), ix, kc, vc, cs, sn, n,
+         A, S, H, D);
+  const int tiles = (A + kCachedRows - 1) / kCachedRows;
+  const size_t smem = (kCachedRows * D + kCachedKeys * (D + 1) + kCachedKeys * 32 * NC) * sizeof(float);
+  const float scale_log2 = static_cast<float>(kLog2e / std::sqrt(static_cast<double>(D)));
+  launch(cached_attn_kernel<T, NC>, dim3(static_cast<unsigned>(d.B * d.H * tiles)), smem, x, qkv_strides(qkv), ix,
+         static_cast<const T*>(kc), static_cast<const T*>(vc), cs, sn, reinterpret_cast<T*>(out.data_ptr()), A, S,
+         H, D, tiles, scale_log2);
+}
+
+at::Tensor rope_attention_cached_cuda(const at::Tensor& qkv_in, const at::Tensor& index_in, at::Tensor& k_cache,
+                                      at::Tensor& v_cache, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  const char* op = "rope_attention_cached";
+  const CachedAttnDims d = check_rope_attention_cached_inputs(op, qkv_in, index_in, k_cache, v_cache, cos_in, sin_in);
+  const c10::cuda::CUDAGuard guard(qkv_in.device());
+  BIGR_CHECK(d.D <= kCachedMaxHeadDim, op, ": the CUDA kernel takes even head dims up to ", kCachedMaxHeadDim,
+             ", got d=", d.D);
+  BIGR_CHECK(d.S < (int64_t{1} << 31) && d.H < (int64_t{1} << 31), op, ": S=", d.S, " or H=", d.H, " is too large");
+  const int64_t tiles = (d.A + kCachedRows - 1) / kCachedRows;
+  BIGR_CHECK(d.B * d.H * tiles < (int64_t{1} << 31), op, ": B*H*ceil(A/", kCachedRows, ") = ", d.B * d.H * tiles,
+             " CTAs is more than one launch takes");
+  const at::Tensor qkv = qkv_in.stride(-1) == 1 ? qkv_in : qkv_in.contiguous();
+  const at::Tensor index = index_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  at::Tensor out = at::empty({d.B, d.A, d.H * d.D}, qkv.options());
+  if (out.numel() == 0) return out;
+  const auto run = [&]<typename T>() {
+    if (d.D <= 32) cached_cuda<T, 1>(qkv, index, k_cache, v_cache, cos, sin, d, out);
+    else if (d.D <= 64) cached_cuda<T, 2>(qkv, index, k_cache, v_cache, cos, sin, d, out);
+    else if (d.D <= 128) cached_cuda<T, 4>(qkv, index, k_cache, v_cache, cos, sin, d, out);
+    else cached_cuda<T, 8>(qkv, index, k_cache, v_cache, cos, sin, d, out);
+  };
+  switch (qkv.scalar_type()) {
+    case at::kFloat: run.template operator()<float>(); break;
+    case at::kHalf: run.template operator()<__half>(); break;
+    case at::kBFloat16: run.template operator()<__nv_bfloat16>(); break;
+    default: BIGR_CHECK(false, op, ": no CUDA kernel for ", qkv.scalar_type());
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace bigr
 
 TORCH_LIBRARY_IMPL(bigr, CUDA, m) {
   m.impl("rope_attention", &bigr::rope_attention_cuda);
   m.impl("rope_attention_backward", &bigr::rope_attention_backward_cuda);
+  m.impl("rope_attention_cached", &bigr::rope_attention_cached_cuda);
 }

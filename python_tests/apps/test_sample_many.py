@@ -2,6 +2,7 @@
 resumable shards, the final ADM-layout npz, the manifest check, and the CLI's one-line errors.
 
 Runs on the bundled default model with 2 iterations and 2 transcoder steps, so the whole file stays fast."""
+import json
 import os
 import subprocess
 import sys
@@ -228,3 +229,20 @@ def test_generate_and_sample_many_write_the_same_pixels(tmp_path):
         a = np.asarray(Image.open(tmp_path / "g" / f"{i:05d}_{c}.png").convert("RGB"))
         b = np.asarray(Image.open(tmp_path / "s" / "png" / f"{i:06d}_{c}.png").convert("RGB"))
         np.testing.assert_array_equal(a, b)
+
+
+def test_reuse_option(tmp_path, capsys):
+    """--reuse exact writes what --reuse off writes (and is not recorded: a run may resume under either); fast is
+    recorded, so resuming a run under other reuse settings is refused, and the reference backend refuses it."""
+    common = ["--iters", "4", "--steps", "2", "--classes", "0,4", "--per-class", "2", "--num-images", "4", "--quiet"]
+    assert main(["sample-many", *common, "--reuse", "off", "--out", str(tmp_path / "off")]) == 0
+    assert main(["sample-many", *common, "--reuse", "exact", "--out", str(tmp_path / "exact")]) == 0
+    a, b = load(tmp_path / "off" / "samples_4x32x32x3.npz"), load(tmp_path / "exact" / "samples_4x32x32x3.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert main(["sample-many", *common, "--reuse", "fast", "--out", str(tmp_path / "fast")]) == 0
+    manifest = json.loads((tmp_path / "fast" / "manifest.json").read_text())["settings"]
+    assert manifest["sampling"]["reuse"]["cache"] is True
+    capsys.readouterr()
+    assert "only the engine implements it" in cli_error(capsys, *common, "--reuse", "fast", "--backend", "reference",
+                                                         "--out", str(tmp_path / "ref"))
+    assert main(["sample-many", *common, "--reuse", "off", "--out", str(tmp_path / "fast")]) == 2   # other settings

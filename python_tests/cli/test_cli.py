@@ -105,6 +105,17 @@ def test_generate_independent_of_batch_size(pair, tmp_path):
     assert (tmp_path / "a" / "00000_3.png").read_bytes() != (tmp_path / "a" / "00001_3.png").read_bytes()
 
 
+def test_generate_reuse(pair, tmp_path, capsys):
+    """--reuse exact (the default) and off write the same bytes; fast runs; an unknown preset is a usage error."""
+    common = ["--classes", "1,2", "--per-class", "2", "--iters", "5", "--gumbel", "0.5"]
+    for name in ("off", "exact", "fast"):
+        run_ok(gen_args(pair, tmp_path / name, *common, "--reuse", name))
+    for f in sorted(p.name for p in (tmp_path / "off").iterdir()):
+        assert (tmp_path / "off" / f).read_bytes() == (tmp_path / "exact" / f).read_bytes(), f
+    assert len(list((tmp_path / "fast").iterdir())) == 5
+    run_err(gen_args(pair, tmp_path / "bad", "--reuse", "quick"), capsys, "invalid choice: 'quick'")
+
+
 def test_generate_default_classes_and_nrow(pair, tmp_path):
     out = tmp_path / "o"
     run_ok(gen_args(pair, out, "--nrow", "3"))

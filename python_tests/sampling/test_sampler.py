@@ -74,18 +74,20 @@ def test_labels_matter(tiny):
 
 def test_cfg_one_runs_single_branch(tiny, monkeypatch):
     calls = []
-    real = tiny.transformer.conditions
+    real = tiny.transformer.embed
 
-    def spy(codes, mask, labels, **kw):
+    def spy(codes, mask, labels, **kw):   # every transformer pass embeds its rows first, with or without reuse
         calls.append(codes.shape[0])
         return real(codes, mask, labels, **kw)
 
-    monkeypatch.setattr(tiny.transformer, "conditions", spy)
-    tiny.generate([0, 1], cfg=1.0, iters=2, steps=2)
-    assert calls == [2, 2]
-    calls.clear()
-    tiny.generate([0, 1], cfg=3.0, iters=2, steps=2)
-    assert calls == [4, 4]
+    monkeypatch.setattr(tiny.transformer, "embed", spy)
+    for reuse in ("off", "exact"):
+        calls.clear()
+        tiny.generate([0, 1], cfg=1.0, iters=2, steps=2, reuse=reuse)
+        assert calls == [2, 2]
+        calls.clear()
+        tiny.generate([0, 1], cfg=3.0, iters=2, steps=2, reuse=reuse)
+        assert calls == [4, 4]
 
 
 def test_class_weights_interpolation(tiny):

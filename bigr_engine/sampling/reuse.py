@@ -1,0 +1,200 @@
+"""State reuse across the engine's iterations: what a round may take from the rounds before it.
+
+Between two iterations of entropy-ordered generation only the tokens unmasked by the last round change their input;
+everything else changes only through attention. Two tiers use that:
+
+- exact (the default): the layer-0 attention projections of a token depend on nothing but its own input (its code or
+  the mask token, the class adaLN), so they are kept from round to round and recomputed only for the tokens the last
+  round unmasked. Same codes as no reuse, bit for bit (every op involved is per row).
+- approximate (`cache=True`, the "fast" preset): a cached round recomputes only an *active set* of sequence rows (the
+  condition token, the tokens unmasked by the last round, and the `active` x (this round's unmask count) still-masked
+  tokens that the last prediction found most confident: those this round is about to decide); every other row keeps
+  its per-layer keys and values from the round that last computed it (a K/V cache, attended through
+  `Kernels.attention_cached`), and a masked token outside the active set keeps its last transcoder p0 and skips the
+  transcoder, which is most of the work. The first `warmup` rounds and every `refresh`-th are full (exact) rounds.
+  This changes samples: its cost in quality on the bundled model is measured by bench/reuse.py.
+
+Every size is fixed by the options ahead of the loop (as the unmask counts are), so shapes stay static, nothing waits
+on the host, and a call with reuse is captured as a CUDA graph like one without.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from bigr_engine.errors import BigrError
+from bigr_engine.ops.reference import apply_rope
+
+
+@dataclass(frozen=True)
+class Reuse:
+    preset: str = "custom"    # the name it was built from (reports)
+    layer0: bool = True       # exact: keep the layer-0 projections of unchanged tokens
+    cache: bool = False       # approximate: cached rounds recompute only the active set
+    warmup: int = 1           # the first rounds run full (at least 1: it fills the caches)
+    refresh: int = 0          # every refresh-th round after the warm-up runs full; 0: never
+    active: float = 2.0       # masked tokens recomputed per cached round: ceil(active * that round's unmask count)
+
+    @property
+    def exact(self) -> bool:
+        """Whether codes equal those without reuse."""
+        return not self.cache
+
+    def replace(self, **changes) -> "Reuse":
+        unknown = sorted(set(changes) - set(FIELDS))
+        if unknown:
+            raise BigrError(f"unknown reuse parameter(s) {', '.join(unknown)}; valid ones are {', '.join(FIELDS)}")
+        return dataclasses.replace(self, **changes).check()
+
+    def check(self) -> "Reuse":
+        for name in ("warmup", "refresh"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise BigrError(f"reuse {name} must be a non-negative integer, got {v!r}")
+        if self.cache and self.warmup < 1:
+            raise BigrError("reuse warmup must be at least 1 with cache=True: the first round fills the caches")
+        if isinstance(self.active, bool) or not isinstance(self.active, (int, float)) or not self.active >= 1:
+            raise BigrError(f"reuse active must be a number >= 1 (a multiple of each round's unmask count), "
+                            f"got {self.active!r}")
+        return self
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Reuse))
+
+PRESETS = {
+    "off": Reuse("off", layer0=False),
+    "exact": Reuse("exact"),
+    "fast": Reuse("fast", cache=True, warmup=2, refresh=4, active=2.0),
+}
+DEFAULT = "exact"
+
+
+def resolve_reuse(value) -> Reuse:
+    """None (the default, "exact"), a preset name, a Reuse, or a dict of Reuse fields (on top of its "preset", default
+    "exact"); e.g. {"preset": "fast", "active": 3}."""
+    if value is None:
+        return PRESETS[DEFAULT]
+    if isinstance(value, Reuse):
+        return value.check()
+    if isinstance(value, str):
+        if value not in PRESETS:
+            raise BigrError(f"unknown reuse preset {value!r}; choose from {', '.join(PRESETS)} "
+                            f"(or pass a dict of parameters: {', '.join(FIELDS[1:])})")
+        return PRESETS[value]
+    if isinstance(value, dict):
+        params = dict(value)
+        base = resolve_reuse(params.pop("preset", DEFAULT))
+        return base.replace(preset=f"{base.preset}+" + ",".join(f"{k}={v}" for k, v in sorted(params.items())),
+                            **params) if params else base
+    raise BigrError(f"reuse must be a preset name ({', '.join(PRESETS)}), a dict of parameters or a Reuse, "
+                    f"got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class RoundReuse:
+    full: bool       # every row through the transformer, every masked token through the transcoder
+    changed: int     # tokens the previous round unmasked (their inputs changed)
+    stale: int       # full rounds: tokens unmasked since the last full round (their layer-0 projections are stale)
+    active: int      # cached rounds: masked tokens recomputed (the rest keep their p0)
+
+
+def plan_reuse(reuse: Reuse, rounds: list) -> list[RoundReuse]:
+    """Per round of `rounds` (engine.rounds_for): full or cached, and the static sizes of its active set."""
+    out, stale = [], 0
+    for i, r in enumerate(rounds):
+        full = (not reuse.cache or i < reuse.warmup
+                or (reuse.refresh > 0 and (i - reuse.warmup) % reuse.refresh == reuse.refresh - 1))
+        changed = rounds[i - 1].count if i else 0
+        stale += changed
+        active = r.n if full else min(r.n, max(r.count, math.ceil(reuse.active * r.count)))
+        out.append(RoundReuse(full, changed, stale, active))
+        if full:
+            stale = 0
+    return out
+
+
+def _first(flags: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, N) booleans with n True per row -> their positions (B, n), ascending, without a device-to-host copy."""
+    return torch.sort(flags.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :n]
+
+
+class ReuseState:
+    """The buffers one generation carries from round to round: per-layer K/V caches (B', H, S, d), the layer-0
+    projections (B', S, 3, H, d), and p0 of every token (B, N, K)."""
+
+    def __init__(self, reuse: Reuse, B: int, N: int, K: int, device):
+        self.reuse = reuse
+        self.k: list | None = None
+        self.v: list | None = None
+        self.qkv0: torch.Tensor | None = None
+        self.p0 = torch.zeros(B, N, K, device=device, dtype=torch.float32)
+        self.prev_mask: torch.Tensor | None = None    # the mask before the previous round
+        self.qkv0_mask: torch.Tensor | None = None    # the mask qkv0 was computed for
+
+
+def conditions_full(model, codes, mask, cond_labels, kernels, state: ReuseState, rr: RoundReuse, branches: int):
+    """Every row through the transformer -> z (B', N, D), as transformer.conditions with kernels.attention, keeping what
+    later rounds reuse: layer-0 projections (recomputed only for the rows `rr.changed` says changed) and, with
+    cache=True, every layer's rotated keys and values."""
+    tr = model.transformer
+    x, ada = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)
+    cos, sin = tr.rope(x.device)
+    reuse = state.reuse
+    for li, layer in enumerate(tr.layers):
+        if li == 0 and reuse.layer0:
+            qkv = _layer0_projections(layer, x, ada, mask, state, rr, branches)
+        else:
+            qkv = layer.qkv(x, ada)
+        if reuse.cache:
+            _store_kv(state, li, qkv, cos, sin, len(tr.layers))
+        x = layer.after_attention(x, kernels.attention(qkv, cos, sin), ada)
+    return tr.norm(x)[:, 1:] + tr.diffusion_pos_embed_learned
+
+
+def _layer0_projections(layer, x, ada, mask, state: ReuseState, rr: RoundReuse, branches: int):
+    if state.qkv0 is None:
+        state.qkv0 = layer.qkv(x, ada)
+    elif rr.stale:
+        rows = _first(state.qkv0_mask & ~mask, rr.stale).repeat(branches, 1) + 1        # sequence positions (B', c)
+        x_rows = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+        fresh = layer.qkv(x_rows, ada)                                                  # (B', c, 3, H, d)
+        at = rows[:, :, None, None, None].expand(-1, -1, *fresh.shape[2:])
+        state.qkv0 = state.qkv0.scatter(1, at, fresh)
+    state.qkv0_mask = mask.clone()   # the compiled unmask_topk updates mask in place
+    return state.qkv0
+
+
+def _store_kv(state: ReuseState, li: int, qkv, cos, sin, n_layer: int):
+    k = apply_rope(qkv[:, :, 1], cos, sin).transpose(1, 2).contiguous()                # (B', H, S, d)
+    v = qkv[:, :, 2].transpose(1, 2).contiguous()
+    if state.k is None:
+        state.k, state.v = [None] * n_layer, [None] * n_layer
+    state.k[li], state.v[li] = k, v
+
+
+def conditions_cached(model, codes, mask, cond_labels, kernels, state: ReuseState, rr: RoundReuse, branches: int,
+                      confidence):
+    """A cached round's transformer: only the active rows (condition token, the `rr.changed` tokens unmasked last
+    round, the `rr.active` most confident masked tokens by the last p0) -> (their z (B', active, D), their token
+    positions (B, active)); the active rows' keys and values are refreshed in the caches on the way."""
+    tr = model.transformer
+    B, N, _ = codes.shape
+    conf = confidence(state.p0).masked_fill(~mask, float("-inf"))
+    cand = torch.sort(conf, dim=1, descending=True, stable=True).indices[:, :rr.active]          # (B, active)
+    parts = [torch.zeros(B, 1, dtype=torch.long, device=codes.device)]
+    if rr.changed:
+        parts.append(_first(state.prev_mask & ~mask, rr.changed) + 1)
+    parts.append(cand + 1)
+    rows = torch.cat(parts, 1).repeat(branches, 1)                                               # (B', A)
+    x, ada = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)
+    x = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    cos, sin = tr.rope(x.device)
+    for li, layer in enumerate(tr.layers):
+        qkv = layer.qkv(x, ada)
+        x = layer.after_attention(x, kernels.attention_cached(qkv, rows, state.k[li], state.v[li], cos, sin), ada)
+    first = 1 + rr.changed
+    pos = tr.diffusion_pos_embed_learned[0][cand.repeat(branches, 1)]                            # (B', active, D)
+    return tr.norm(x[:, first:]) + pos, cand
