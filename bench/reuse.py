@@ -37,7 +37,8 @@ from bigr_engine.sampling import engine  # noqa: E402
 from bigr_engine.sampling.reuse import FIELDS, resolve_reuse  # noqa: E402
 from generate import PRESETS, device_name, time_one, write_results  # noqa: E402
 
-DEFAULT_CONFIGS = ["exact", "fast", "fast:refresh=0", "fast:active=1.5", "fast:warmup=3,refresh=3,active=3"]
+DEFAULT_CONFIGS = ["exact", "fast", "fast:warmup=2", "fast:refresh=5", "fast:warmup=2,refresh=0",
+                   "fast:refresh=0,active=1.5"]
 QUALITY_DIR = ROOT / "bench" / "results" / "default-model"
 CHUNK = 100
 
@@ -54,6 +55,13 @@ def parse_config(text: str) -> dict:
             else int(value)
     resolve_reuse(spec)   # errors now, before any work
     return spec
+
+
+def cache_name(spec: dict) -> str:
+    """The folder of a config's cached samples: its resolved parameters, so a preset whose definition changes never
+    reads another definition's samples."""
+    r = resolve_reuse(spec)
+    return f"layer0{int(r.layer0)}_cache{int(r.cache)}_warmup{r.warmup}_refresh{r.refresh}_active{r.active:g}"
 
 
 def load_model(args):
@@ -150,7 +158,7 @@ def cmd_quality(args) -> None:
     results = []
     for text in ["exact"] + [c for c in configs if c != "exact"]:
         spec = parse_config(text)
-        name = text.replace(":", "_").replace(",", "_").replace("=", "")
+        name = cache_name(spec)
         codes, images = generate_chunks(work, model, bae, spec, name, args.n)
         if exact_codes is None:
             exact_codes = codes
