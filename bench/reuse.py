@@ -38,7 +38,8 @@ from bigr_engine.sampling.reuse import FIELDS, resolve_reuse  # noqa: E402
 from generate import PRESETS, device_name, time_one, write_results  # noqa: E402
 
 DEFAULT_CONFIGS = ["exact", "fast", "fast:warmup=2", "fast:refresh=5", "fast:warmup=2,refresh=0",
-                   "fast:refresh=0,active=1.5"]
+                   "fast:refresh=0,active=1.5", "fast:refresh=0,active=1,sweep=6", "fast:refresh=0,active=1.5,sweep=4",
+                   "fast:refresh=8,active=1.5,sweep=3"]
 QUALITY_DIR = ROOT / "bench" / "results" / "default-model"
 CHUNK = 100
 
@@ -61,7 +62,8 @@ def cache_name(spec: dict) -> str:
     """The folder of a config's cached samples: its resolved parameters, so a preset whose definition changes never
     reads another definition's samples."""
     r = resolve_reuse(spec)
-    return f"layer0{int(r.layer0)}_cache{int(r.cache)}_warmup{r.warmup}_refresh{r.refresh}_active{r.active:g}"
+    name = f"layer0{int(r.layer0)}_cache{int(r.cache)}_warmup{r.warmup}_refresh{r.refresh}_active{r.active:g}"
+    return name + (f"_sweep{r.sweep}" if r.sweep else "")
 
 
 def load_model(args):

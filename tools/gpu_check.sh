@@ -39,6 +39,7 @@ step bench_attention 120 $PY bench/attention.py $B --dtype bfloat16 --batch 128 
 step bench_attention_bwd 120 $PY bench/attention.py $B --dtype bfloat16 --batch 128 --seq 257 --heads 16 --backward
 step bench_transcoder 120 $PY bench/transcoder.py $B --dtype bfloat16 --rows 32768 --dim 1024
 step bench_generate 400 $PY bench/generate.py $B --preset BiGR-L --batch 64 --repeats 2
+step bench_reuse 150 $PY bench/reuse.py time $B --preset BiGR-L --batch 64 --dtype bfloat16 --repeats 2 --configs exact fast
 step bench_train 200 $PY bench/train.py $B --preset BiGR-L
 echo "---- summary ($OUT/summary.txt)"
 cat "$SUMMARY"

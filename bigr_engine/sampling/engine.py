@@ -200,6 +200,7 @@ def _rounds(model, plan, rounds, codes, mask, cond_labels, sample_index, opts, u
         if state is not None:
             if plan.reuse.cache:   # the p0 of every masked token: fresh for those just computed, kept for the rest
                 state.p0.scatter_(1, tok[..., None].expand(-1, -1, K), p0)
+                state.age.scatter_(1, tok, float(i))
                 if tok is not idx:
                     p0 = torch.gather(state.p0, 1, idx[..., None].expand(-1, -1, K))
             state.prev_mask = mask.clone()

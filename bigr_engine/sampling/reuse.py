@@ -11,7 +11,8 @@ everything else changes only through attention. Two tiers use that:
   tokens that the last prediction found most confident: those this round is about to decide); every other row keeps
   its per-layer keys and values from the round that last computed it (a K/V cache, attended through
   `Kernels.attention_cached`), and a masked token outside the active set keeps its last transcoder p0 and skips the
-  transcoder, which is most of the work. The first `warmup` rounds and every `refresh`-th are full (exact) rounds.
+  transcoder, which is most of the work. The first `warmup` rounds and every `refresh`-th are full (exact) rounds;
+  `sweep` adds to each cached round's set the masked tokens whose p0 is oldest.
   This changes samples: its cost in quality on the bundled model is measured by bench/reuse.py.
 
 Every size is fixed by the options ahead of the loop (as the unmask counts are), so shapes stay static, nothing waits
@@ -37,6 +38,7 @@ class Reuse:
     warmup: int = 1           # the first rounds run full (at least 1: it fills the caches)
     refresh: int = 0          # every refresh-th round after the warm-up runs full; 0: never
     active: float = 2.0       # masked tokens recomputed per cached round: ceil(active * that round's unmask count)
+    sweep: int = 0            # cached rounds also recompute this many of the masked tokens whose p0 is oldest
 
     @property
     def exact(self) -> bool:
@@ -50,7 +52,7 @@ class Reuse:
         return dataclasses.replace(self, **changes).check()
 
     def check(self) -> "Reuse":
-        for name in ("warmup", "refresh"):
+        for name in ("warmup", "refresh", "sweep"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise BigrError(f"reuse {name} must be a non-negative integer, got {v!r}")
@@ -100,6 +102,7 @@ class RoundReuse:
     changed: int     # tokens the previous round unmasked (their inputs changed)
     stale: int       # full rounds: tokens unmasked since the last full round (their layer-0 projections are stale)
     active: int      # cached rounds: masked tokens recomputed (the rest keep their p0)
+    sweep: int = 0   # cached rounds: of the others, the oldest this many are recomputed too
 
 
 def plan_reuse(reuse: Reuse, rounds: list) -> list[RoundReuse]:
@@ -111,7 +114,8 @@ def plan_reuse(reuse: Reuse, rounds: list) -> list[RoundReuse]:
         changed = rounds[i - 1].count if i else 0
         stale += changed
         active = r.n if full else min(r.n, max(r.count, math.ceil(reuse.active * r.count)))
-        out.append(RoundReuse(full, changed, stale, active))
+        sweep = 0 if full else min(r.n - active, reuse.sweep)
+        out.append(RoundReuse(full, changed, stale, active, sweep))
         if full:
             stale = 0
     return out
@@ -132,6 +136,7 @@ class ReuseState:
         self.v: list | None = None
         self.qkv0: torch.Tensor | None = None
         self.p0 = torch.zeros(B, N, K, device=device, dtype=torch.float32)
+        self.age = torch.zeros(B, N, device=device, dtype=torch.float32)   # the round each token's p0 comes from
         self.prev_mask: torch.Tensor | None = None    # the mask before the previous round
         self.qkv0_mask: torch.Tensor | None = None    # the mask qkv0 was computed for
 
@@ -179,12 +184,16 @@ def _store_kv(state: ReuseState, li: int, qkv, cos, sin, n_layer: int):
 def conditions_cached(model, codes, mask, cond_labels, kernels, state: ReuseState, rr: RoundReuse, branches: int,
                       confidence):
     """A cached round's transformer: only the active rows (condition token, the `rr.changed` tokens unmasked last
-    round, the `rr.active` most confident masked tokens by the last p0) -> (their z (B', active, D), their token
-    positions (B, active)); the active rows' keys and values are refreshed in the caches on the way."""
+    round, the `rr.active` most confident masked tokens by the last p0, the `rr.sweep` oldest others) -> (their z
+    (B', active + sweep, D), their token positions (B, active + sweep)); the active rows' keys and values are
+    refreshed in the caches on the way."""
     tr = model.transformer
     B, N, _ = codes.shape
     conf = confidence(state.p0).masked_fill(~mask, float("-inf"))
     cand = torch.sort(conf, dim=1, descending=True, stable=True).indices[:, :rr.active]          # (B, active)
+    if rr.sweep:   # the masked tokens whose p0 is oldest (not already chosen), lowest position first among equals
+        age = state.age.masked_fill(~mask, float("inf")).scatter(1, cand, float("inf"))
+        cand = torch.cat([cand, torch.sort(age, dim=1, stable=True).indices[:, :rr.sweep]], 1)
     parts = [torch.zeros(B, 1, dtype=torch.long, device=codes.device)]
     if rr.changed:
         parts.append(_first(state.prev_mask & ~mask, rr.changed) + 1)

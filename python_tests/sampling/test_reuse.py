@@ -59,7 +59,7 @@ def test_fast_tier_is_deterministic_batch_independent_and_close(model, ops):
 
 def test_plan_has_static_sizes_and_the_full_rounds_asked_for():
     rounds = engine.rounds_for(SamplingOptions(iters=10), 64)
-    plan = plan_reuse(PRESETS["fast"], rounds)
+    plan = plan_reuse(Reuse(cache=True, warmup=2, refresh=4, active=2.0), rounds)
     assert [p.full for p in plan] == [True, True, False, False, False, True, False, False, False, True]
     for i, (p, r) in enumerate(zip(plan, rounds)):
         assert p.changed == (rounds[i - 1].count if i else 0)
@@ -70,6 +70,20 @@ def test_plan_has_static_sizes_and_the_full_rounds_asked_for():
     assert [p.stale for p in plan if p.full] == [0, rounds[0].count, sum(r.count for r in rounds[1:5]),
                                                  sum(r.count for r in rounds[5:9])]
     assert all(p.full for p in plan_reuse(PRESETS["exact"], rounds))
+    swept = plan_reuse(Reuse(cache=True, warmup=1, refresh=0, active=1.5, sweep=3), rounds)
+    assert all(p.sweep == (0 if p.full else min(3, r.n - p.active)) for p, r in zip(swept, rounds))
+    assert swept[-1].sweep == 0 and swept[3].sweep == 3
+
+
+@pytest.mark.parametrize("ops", OPS, ids=["torch", "ops"])
+def test_sweep_recomputes_distinct_tokens(model, ops):
+    """With a sweep the transcoder's token set is the confident candidates plus the oldest others, distinct (the
+    compiled cached attention refuses a repeated position, so a collision would raise)."""
+    opts = SamplingOptions(iters=8, steps=3, cfg=2.5, gumbel=0.3, seed=5)
+    spec = {"preset": "fast", "refresh": 0, "active": 1.0, "sweep": 4}
+    a = engine.generate(model, LABELS, opts, ops=ops, reuse=spec)
+    assert torch.equal(a, engine.generate(model, LABELS, opts, ops=ops, reuse=spec))
+    assert not torch.equal(a, engine.generate(model, LABELS, opts, ops=ops, reuse={**spec, "sweep": 0}))
 
 
 def test_resolve_reuse_and_its_errors():
