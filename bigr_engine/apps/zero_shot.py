@@ -148,9 +148,9 @@ def token_mask(masks, grid: int, image_size: int | tuple[int, int] | None = None
 
 
 def _generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: torch.Tensor,
-              progress: bool = False) -> torch.Tensor:
-    """Plain generation from all-masked, through BiGR.generate_with (its fastest backend)."""
-    return model.generate_with(labels, opts, sample_index=sample_index, progress=progress)
+              progress: bool = False, reuse=None) -> torch.Tensor:
+    """Plain generation from all-masked, through BiGR.generate_with (its fastest backend; `reuse` as there)."""
+    return model.generate_with(labels, opts, sample_index=sample_index, progress=progress, reuse=reuse)
 
 
 def _fill(model, codes: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, opts: SamplingOptions,
@@ -253,13 +253,13 @@ def edit(model, bae, images: torch.Tensor, masks, label, **kw) -> torch.Tensor:
 @torch.no_grad()
 def interpolate_codes(model, label_a: int, label_b: int, weights: Sequence[float], *, variations: int = 1,
                       seed: int = 0, iters: int | None = None, steps: int | None = None, cfg: float | None = None, gumbel: float | None = None,
-                      progress: bool = False, **sampling) -> torch.Tensor:
+                      progress: bool = False, reuse=None, **sampling) -> torch.Tensor:
     """Generation conditioned on w*table[a] + (1-w)*table[b] for each w in ``weights`` -> codes
     (variations*len(weights), N, K), variation-major (row j*len(weights) + k is weight k, variation j).
 
     Every weight of variation j uses sample index j, so a row differs from its neighbours only by the
     condition; with w = 1 it equals ``model.generate([label_a], seed=seed, sample_index=[j], ...)``.
-    Weights outside [0, 1] extrapolate."""
+    Weights outside [0, 1] extrapolate. reuse: state reuse across iterations, as in ``model.generate``."""
     _check_variations(variations)
     C = model.cfg.num_classes + 1
     ab = model.check_labels([label_a, label_b]).tolist()
@@ -274,7 +274,7 @@ def interpolate_codes(model, label_a: int, label_b: int, weights: Sequence[float
     labels = rows.repeat(v, 1).to(model.device)
     idx = torch.arange(v, device=model.device).repeat_interleave(w.numel())
     opts = model.sampling_options(cfg=cfg, iters=iters, steps=steps, gumbel=gumbel, seed=seed, **sampling)
-    return _generate(model, labels, opts, idx, progress)
+    return _generate(model, labels, opts, idx, progress, reuse)
 
 
 def interpolate(model, bae, label_a: int, label_b: int, weights: Sequence[float], **kw) -> torch.Tensor:

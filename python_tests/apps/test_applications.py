@@ -161,6 +161,9 @@ def test_interpolation_endpoints_equal_plain_generation(model, bae):
     assert not torch.equal(codes[1], codes[0]) and not torch.equal(codes[1], codes[2])   # the midpoint is its own
     imgs = apps.interpolate(model, bae, 3, 5, [1.0, 0.0], **kw)
     assert imgs.shape == (2, 3, S, S)
+    # reuse reaches the engine: fast gives the endpoints model.generate gives with the same reuse
+    fast = apps.interpolate_codes(model, 3, 5, [1.0, 0.0], reuse="fast", **kw)
+    assert torch.equal(fast[0], model.generate([3], sample_index=[0], reuse="fast", **kw)[0])
     with pytest.raises(be.BigrError, match="out of range"):
         apps.interpolate_codes(model, 3, 12, [0.5], **KW)
     with pytest.raises(be.BigrError, match="at least one"):
