@@ -41,7 +41,7 @@ def cmd_generate(args) -> int:
     files = {out / f"{i:05d}_{int(c)}.png": png_bytes(img) for i, (img, c) in enumerate(zip(images, labels))}
     files[out / "grid.png"] = png_bytes(make_grid(images, nrow))
     write_files_atomic(files)  # only now, after everything succeeded, do files appear in --out
-    print(f"wrote {n} images ({images.shape[2]}x{images.shape[1]}) to {out}/ and the grid {out / 'grid.png'}")
+    print(f"wrote {n} image{'s' if n != 1 else ''} ({images.shape[2]}x{images.shape[1]}) to {out}/ and the grid {out / 'grid.png'}")
     return 0
 
 
