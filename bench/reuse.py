@@ -234,7 +234,7 @@ def cmd_drift(args) -> None:
     for i, r in enumerate(rounds):
         rr = R.RoundReuse(True, 0, 0, r.n)
         z = R.conditions_full(model, codes, mask, cond, kernels, state, rr, 2)
-        idx = R._first(mask, r.n)
+        idx = R.first_true(mask, r.n)
         zm = torch.gather(z, 1, idx.repeat(2, 1)[..., None].expand(-1, -1, z.shape[-1]))
         cz = model.transcoder.c_embedder(zm.reshape(2 * B * r.n, -1))
         p0 = engine.transcode_masked(model.transcoder, cz, plan.temb, plan.steps, r.cfg, True, opts, plan.tables,

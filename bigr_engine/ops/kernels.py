@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bigr_engine.ops import compiled, loader, reference, selftest
+from bigr_engine.ops import compiled, loader, reference, rng, selftest
 
 # kernel -> (the self-tested op it runs on, what it replaces)
 KERNELS = {
@@ -64,6 +64,11 @@ class Kernels:
         if "attention_cached" in self.used:
             return compiled.rope_attention_cached
         return reference.rope_attention_cached_ref
+
+    @property
+    def uniform_at(self):
+        """rng.uniform_at (seed, sample_index, stream, counters) -> uniforms: the compiled rng or the Python hash."""
+        return compiled.rng_uniform if "rng" in self.used else rng.uniform_at
 
     @property
     def fused_blocks(self) -> bool:

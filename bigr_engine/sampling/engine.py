@@ -75,7 +75,7 @@ def _initial_bits(opts: SamplingOptions, sample_index, stream_id, counters, kern
     compiled rng where chosen."""
     if opts.greedy:
         return torch.zeros(counters.shape, dtype=torch.uint8, device=counters.device)
-    uniform = compiled.rng_uniform if kernels is not None and kernels.uses("rng") else rng.uniform_at
+    uniform = rng.uniform_at if kernels is None else kernels.uniform_at
     return (uniform(opts.seed, sample_index, stream_id, counters) < 0.5).to(torch.uint8)
 
 
@@ -176,8 +176,7 @@ def _rounds(model, plan, rounds, codes, mask, cond_labels, sample_index, opts, u
     branches = 2 if use_cfg else 1
     state = state_reuse.ReuseState(plan.reuse, B, codes.shape[1], K, dev) if plan.reuse_rounds else None
     for i, r in enumerate(rounds):
-        # masked positions in ascending order (a stable sort of the mask needs no device-to-host copy)
-        idx = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :r.n]   # (B, n)
+        idx = state_reuse.first_true(mask, r.n)   # masked positions, ascending (B, n)
         tok = idx           # the tokens that go through the transcoder this round
         if state is None:
             z = model.transformer.conditions(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels,
@@ -187,7 +186,7 @@ def _rounds(model, plan, rounds, codes, mask, cond_labels, sample_index, opts, u
                                             branches)
         else:
             z, tok = state_reuse.conditions_cached(model, codes, mask, cond_labels, kernels, state,
-                                                   plan.reuse_rounds[i], branches, confidence)
+                                                   plan.reuse_rounds[i], branches)
         if tok is idx:
             z = torch.gather(z, 1, idx.repeat(branches, 1)[..., None].expand(-1, -1, z.shape[-1]))
         cz = model.transcoder.c_embedder(z.reshape(branches * B * tok.shape[1], -1))

@@ -8,22 +8,21 @@ would otherwise make this baseline slower than the release's own sampler).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bigr_engine.models.transcoder import flip_to_p0, inference_steps, posterior_one
-from bigr_engine.ops import compiled, kernels, rng
+from bigr_engine.ops import kernels, rng
 from bigr_engine.ops.reference import confidence_ref
 from bigr_engine.sampling.options import ORDERS, SamplingOptions, cfg_at, gumbel_at, masked_after
 
 def uniform(seed: int, sample_index, stream_id: int, shape: tuple) -> torch.Tensor:
     """rng.uniform (counter = flat position within `shape`), through the compiled rng where it runs."""
-    if kernels.choose(sample_index.device).uses("rng"):
-        n = 1
-        for s in shape:
-            n *= s
-        counters = torch.arange(n, device=sample_index.device).expand(sample_index.shape[0], n)
-        return compiled.rng_uniform(seed, sample_index, stream_id, counters).view(sample_index.shape[0], *shape)
-    return rng.uniform(seed, sample_index, stream_id, shape)
+    n = math.prod(shape)
+    counters = torch.arange(n, device=sample_index.device).expand(sample_index.shape[0], n)
+    u = kernels.choose(sample_index.device).uniform_at(seed, sample_index, stream_id, counters)
+    return u.view(sample_index.shape[0], *shape)
 
 
 def draw(p: torch.Tensor, opts: SamplingOptions, sample_index, stream_id: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 
 from bigr_engine.errors import BigrError
 from bigr_engine.ops.reference import apply_rope
+from bigr_engine.sampling.reference import confidence
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def plan_reuse(reuse: Reuse, rounds: list) -> list[RoundReuse]:
     return out
 
 
-def _first(flags: torch.Tensor, n: int) -> torch.Tensor:
+def first_true(flags: torch.Tensor, n: int) -> torch.Tensor:
     """(B, N) booleans with n True per row -> their positions (B, n), ascending, without a device-to-host copy."""
     return torch.sort(flags.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :n]
 
@@ -143,7 +144,8 @@ class ReuseState:
 
 def conditions_full(model, codes, mask, cond_labels, kernels, state: ReuseState, rr: RoundReuse, branches: int):
     """Every row through the transformer -> z (B', N, D), as transformer.conditions with kernels.attention, keeping what
-    later rounds reuse: layer-0 projections (recomputed only for the rows `rr.changed` says changed) and, with
+    later rounds reuse: layer-0 projections (recomputed only for the `rr.stale` tokens unmasked since they were
+    last computed) and, with
     cache=True, every layer's rotated keys and values."""
     tr = model.transformer
     x, ada = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)
@@ -164,7 +166,7 @@ def _layer0_projections(layer, x, ada, mask, state: ReuseState, rr: RoundReuse, 
     if state.qkv0 is None:
         state.qkv0 = layer.qkv(x, ada)
     elif rr.stale:
-        rows = _first(state.qkv0_mask & ~mask, rr.stale).repeat(branches, 1) + 1        # sequence positions (B', c)
+        rows = first_true(state.qkv0_mask & ~mask, rr.stale).repeat(branches, 1) + 1        # sequence positions (B', c)
         x_rows = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
         fresh = layer.qkv(x_rows, ada)                                                  # (B', c, 3, H, d)
         at = rows[:, :, None, None, None].expand(-1, -1, *fresh.shape[2:])
@@ -181,8 +183,7 @@ def _store_kv(state: ReuseState, li: int, qkv, cos, sin, n_layer: int):
     state.k[li], state.v[li] = k, v
 
 
-def conditions_cached(model, codes, mask, cond_labels, kernels, state: ReuseState, rr: RoundReuse, branches: int,
-                      confidence):
+def conditions_cached(model, codes, mask, cond_labels, kernels, state: ReuseState, rr: RoundReuse, branches: int):
     """A cached round's transformer: only the active rows (condition token, the `rr.changed` tokens unmasked last
     round, the `rr.active` most confident masked tokens by the last p0, the `rr.sweep` oldest others) -> (their z
     (B', active + sweep, D), their token positions (B, active + sweep)); the active rows' keys and values are
@@ -196,7 +197,7 @@ def conditions_cached(model, codes, mask, cond_labels, kernels, state: ReuseStat
         cand = torch.cat([cand, torch.sort(age, dim=1, stable=True).indices[:, :rr.sweep]], 1)
     parts = [torch.zeros(B, 1, dtype=torch.long, device=codes.device)]
     if rr.changed:
-        parts.append(_first(state.prev_mask & ~mask, rr.changed) + 1)
+        parts.append(first_true(state.prev_mask & ~mask, rr.changed) + 1)
     parts.append(cand + 1)
     rows = torch.cat(parts, 1).repeat(branches, 1)                                               # (B', A)
     x, ada = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)

@@ -448,6 +448,22 @@ void prepare_kv(const QkvView<scalar_t>& x, const float* cs, const float* sn, in
     for (int64_t s = S; s < Sp; ++s) kt[c * Sp + s] = T(0);
 }
 
+// One block of nr query rows (q: rotated, rows of Dp) attends over S keys (kt, v as prepare_kv lays them out) with the
+// online softmax, C keys at a time: -> o (R rows of Dp, not yet divided by l), m (running max) and l (running sum).
+template <typename T>
+void attend_block(const T* q, const T* kt, const T* v, int64_t nr, int64_t S, int64_t Sp, int64_t D, int64_t Dp,
+                  int64_t R, int64_t C, T scale, T* s, T* o, T* m, T* l, T* corr) {
+  std::fill(o, o + R * Dp, T(0));
+  std::fill(m, m + R, -std::numeric_limits<T>::infinity());
+  std::fill(l, l + R, T(0));
+  for (int64_t c0 = 0; c0 < S; c0 += C) {
+    const int nc = static_cast<int>(std::min(C, S - c0)), ncp = static_cast<int>(round_up(nc, VL));
+    Prim<T>::score(q, Dp, kt + c0, Sp, s, C, nr, ncp, D, scale);
+    Prim<T>::softmax_step(s, C, nr, nc, ncp, m, l, corr);
+    Prim<T>::acc(o, Dp, corr, s, C, v + c0 * Dp, Dp, nr, nc, Dp);
+  }
+}
+
 template <typename scalar_t, typename T>
 void forward_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const AttnDims& d,
                   at::Tensor& out, at::Tensor& lse) {
@@ -482,15 +498,7 @@ void forward_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
       }
       for (int64_t r = 0; r < nr; ++r)
         rope_row(x.row(b, r0 + r, 0, h), cs + (r0 + r) * half, sn + (r0 + r) * half, half, q + r * Dp);
-      std::fill(o, o + R * Dp, T(0));
-      std::fill(m, m + R, -std::numeric_limits<T>::infinity());
-      std::fill(l, l + R, T(0));
-      for (int64_t c0 = 0; c0 < S; c0 += C) {
-        const int nc = static_cast<int>(std::min(C, S - c0)), ncp = static_cast<int>(round_up(nc, VL));
-        Prim<T>::score(q, Dp, kt + c0, Sp, s, C, nr, ncp, D, scale);
-        Prim<T>::softmax_step(s, C, nr, nc, ncp, m, l, corr);
-        Prim<T>::acc(o, Dp, corr, s, C, v + c0 * Dp, Dp, nr, nc, Dp);
-      }
+      attend_block(q, kt, v, nr, S, Sp, D, Dp, R, C, scale, s, o, m, l, corr);
       for (int64_t r = 0; r < nr; ++r) {
         const T inv = T(1) / l[r];
         scalar_t* dst = o_out + ((b * S + r0 + r) * H + h) * D;
@@ -661,15 +669,7 @@ void cached_impl(const at::Tensor& qkv, const int64_t* pos, at::Tensor& k_cache,
         rope_row(x.row(b, r0 + r, 0, h), cs + p * half, sn + p * half, half, qr);
         std::fill(qr + D, qr + Dp, T(0));
       }
-      std::fill(o, o + R * Dp, T(0));
-      std::fill(m, m + R, -std::numeric_limits<T>::infinity());
-      std::fill(l, l + R, T(0));
-      for (int64_t c0 = 0; c0 < S; c0 += C) {
-        const int nc = static_cast<int>(std::min(C, S - c0)), ncp = static_cast<int>(round_up(nc, VL));
-        Prim<T>::score(q, Dp, kt + c0, Sp, s, C, nr, ncp, D, scale);
-        Prim<T>::softmax_step(s, C, nr, nc, ncp, m, l, corr);
-        Prim<T>::acc(o, Dp, corr, s, C, v + c0 * Dp, Dp, nr, nc, Dp);
-      }
+      attend_block(q, kt, v, nr, S, Sp, D, Dp, R, C, scale, s, o, m, l, corr);
       for (int64_t r = 0; r < nr; ++r) {
         const T inv = T(1) / l[r];
         scalar_t* dst = o_out + ((b * A + r0 + r) * H + h) * D;
