@@ -41,6 +41,17 @@ def tiny():
     return random_bigr()
 
 
+def check_close(ours, same_dtype_ref, oracle, atol, what, factor=3.0):
+    """A kernel's output against the float64 oracle: within `factor` times the same-dtype reference's error plus
+    `atol` (the dtype's floor, scaled by the oracle's magnitude)."""
+    ours, same_dtype_ref, oracle = ours.double().cpu(), same_dtype_ref.double().cpu(), oracle.double().cpu()
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    atol = atol * max(1.0, oracle.abs().max().item())
+    err = (ours - oracle).abs().max().item()
+    ref_err = (same_dtype_ref - oracle).abs().max().item()
+    assert err <= factor * ref_err + atol, f"{what}: error {err:.3g} vs reference's {ref_err:.3g} (+ atol {atol:.3g})"
+
+
 def poison(device):
     """On CUDA, leave NaNs in the caching allocator's freed blocks, which it hands to the next allocation of a fitting
     size, so that an output element a kernel forgets to write shows up as NaN. The CPU allocator promises no such

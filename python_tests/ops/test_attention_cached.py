@@ -10,7 +10,7 @@ of the twin run in the op's own dtype, plus about an ulp.
 import pytest
 import torch
 
-from conftest import poison
+from conftest import check_close, poison
 
 from bigr_engine.ops import compiled, kernels, selftest
 from bigr_engine.ops.loader import have_cuda_kernels, has_op
@@ -60,15 +60,6 @@ def written_mask(index, S):
     return m
 
 
-def check_close(ours, same_dtype_ref, oracle, dtype, what, factor=3.0):
-    ours, same_dtype_ref, oracle = ours.double().cpu(), same_dtype_ref.double().cpu(), oracle.double().cpu()
-    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
-    atol = ATOL[dtype] * max(1.0, oracle.abs().max().item())
-    err = (ours - oracle).abs().max().item()
-    ref_err = (same_dtype_ref - oracle).abs().max().item()
-    assert err <= factor * ref_err + atol, f"{what}: error {err:.3g} vs reference's {ref_err:.3g} (+ atol {atol:.3g})"
-
-
 def run_case(device, dtype, B, A, S, H, d, seed, scale=1.0, index=None):
     qkv, index, k0, v0 = make_case(B, A, S, H, d, seed, dtype, scale, index)
     cos, sin = table(S, d)
@@ -80,7 +71,7 @@ def run_case(device, dtype, B, A, S, H, d, seed, scale=1.0, index=None):
     ref = rope_attention_cached_ref(qkv, index, k_ref, v_ref, cos, sin)
     k_64, v_64 = k0.double(), v0.double()
     oracle = rope_attention_cached_ref(qkv.double(), index, k_64, v_64, cos, sin)
-    check_close(out, ref, oracle, dtype, "out")
+    check_close(out, ref, oracle, ATOL[dtype], "out")
     # The caches: the twin's exactly (rotation in float32 without fused multiply-adds, rounded once to the dtype);
     # nothing left unwritten, nothing else touched.
     k, v = k.cpu(), v.cpu()
@@ -118,7 +109,8 @@ def test_all_rows_in_order_is_full_attention(device, dtype):
     cos, sin = table(S, d)
     k, v = k0.to(device), v0.to(device)
     out = op(qkv.to(device), index.to(device), k, v, cos.to(device), sin.to(device))
-    check_close(out, attention_reference(qkv, cos, sin), attention_reference(qkv.double(), cos, sin), dtype, "out")
+    check_close(out, attention_reference(qkv, cos, sin), attention_reference(qkv.double(), cos, sin), ATOL[dtype],
+                "out")
     from bigr_engine.ops.reference import apply_rope
     assert torch.equal(k.cpu(), apply_rope(qkv[:, :, 1], cos, sin).transpose(1, 2))
     assert torch.equal(v.cpu(), qkv[:, :, 2].transpose(1, 2))
