@@ -4,16 +4,36 @@
     model = be.load_bigr("bigr_L_d24.pt")
     bae = be.load_bae("binaryae_ema_1000000.th")
     images = bae.decode(model.generate([207, 360], seed=0))
+
+Names are imported on first use, so `bigr_engine.export.pipeline.OnnxPipeline` (numpy and ONNX Runtime only)
+runs where torch is not installed.
 """
+from importlib import import_module
+
 from bigr_engine._version import __version__
 from bigr_engine.errors import BigrError, CheckpointError
-from bigr_engine.io.checkpoints import check_pair, convert, load_bae, load_bigr, save_model
-from bigr_engine.io.default import load_default
-from bigr_engine.models.config import BAEConfig, BiGRConfig, bae_preset, bigr_preset
-from bigr_engine.models.tokenizer import BinaryAutoencoder
-from bigr_engine.sampling import BiGR, SamplingOptions
 
-__all__ = [
-    "__version__", "BiGR", "SamplingOptions", "BiGRConfig", "BinaryAutoencoder", "BAEConfig", "BigrError", "CheckpointError",
-    "bigr_preset", "bae_preset", "load_default", "load_bigr", "load_bae", "save_model", "convert", "check_pair",
-]
+_LAZY = {
+    "check_pair": "bigr_engine.io.checkpoints", "convert": "bigr_engine.io.checkpoints",
+    "load_bae": "bigr_engine.io.checkpoints", "load_bigr": "bigr_engine.io.checkpoints",
+    "save_model": "bigr_engine.io.checkpoints", "load_default": "bigr_engine.io.default",
+    "BAEConfig": "bigr_engine.models.config", "BiGRConfig": "bigr_engine.models.config",
+    "bae_preset": "bigr_engine.models.config", "bigr_preset": "bigr_engine.models.config",
+    "BinaryAutoencoder": "bigr_engine.models.tokenizer", "BiGR": "bigr_engine.sampling.model",
+    "SamplingOptions": "bigr_engine.sampling.options", "OnnxPipeline": "bigr_engine.export.pipeline",
+    "TensorRTPipeline": "bigr_engine.export.tensorrt",
+}
+
+__all__ = ["__version__", "BigrError", "CheckpointError", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bigr_engine' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -24,7 +24,7 @@ from bigr_engine.models.transcoder import flip_to_p0, inference_steps, posterior
 from bigr_engine.ops import compiled, kernels as kernel_choice, rng
 from bigr_engine.ops.kernels import Kernels
 from bigr_engine.sampling import graphs, reuse as state_reuse
-from bigr_engine.sampling.options import SamplingOptions, cfg_at, gumbel_at, masked_after
+from bigr_engine.sampling.options import Round, SamplingOptions, rounds_for
 from bigr_engine.sampling.reference import confidence, prepare_batch
 
 LOOP_KERNELS = ("posterior_step", "unmask_topk")   # what ops=True insists on
@@ -40,28 +40,6 @@ def choose_kernels(model, dtype: torch.dtype, ops: bool | None = None) -> Kernel
             raise BigrError(f"ops=True but the compiled {', '.join(missing)} cannot run; pass ops=None to fall back "
                             f"to the plain path")
     return k
-
-
-@dataclass(frozen=True)
-class Round:
-    iteration: int     # keys the round's random streams
-    n: int             # masked tokens before the round (all of them go through the transcoder)
-    count: int         # tokens unmasked by the round
-    cfg: float
-    gumbel: float
-
-
-def rounds_for(opts: SamplingOptions, N: int) -> list[Round]:
-    """The unmasking plan of a full generation: fixed by the options, the same for every row."""
-    out, n = [], N
-    for s in range(opts.iters):
-        ratio = (s + 1) / opts.iters
-        keep = masked_after(s, opts.iters, N)
-        out.append(Round(s, n, n - keep, cfg_at(opts, ratio), gumbel_at(opts, ratio)))
-        n = keep
-    if n:  # one more pass fills whatever is left (the cosine schedule normally ends at 0)
-        out.append(Round(opts.iters, n, n, opts.cfg, 0.0))
-    return [r for r in out if r.n > 0]
 
 
 def _draw_at(p, opts: SamplingOptions, sample_index, stream_id, counters):

@@ -112,3 +112,25 @@ def gumbel_at(opts: SamplingOptions, ratio: float) -> float:
     if opts.greedy:
         return 0.0
     return {"constant": opts.gumbel, "down": opts.gumbel * (1 - ratio), "up": opts.gumbel * ratio}[opts.gumbel_schedule]
+
+
+@dataclass(frozen=True)
+class Round:
+    iteration: int     # keys the round's random streams
+    n: int             # masked tokens before the round (all of them go through the transcoder)
+    count: int         # tokens unmasked by the round
+    cfg: float
+    gumbel: float
+
+
+def rounds_for(opts: SamplingOptions, N: int) -> list[Round]:
+    """The unmasking plan of a full generation: fixed by the options, the same for every row."""
+    out, n = [], N
+    for s in range(opts.iters):
+        ratio = (s + 1) / opts.iters
+        keep = masked_after(s, opts.iters, N)
+        out.append(Round(s, n, n - keep, cfg_at(opts, ratio), gumbel_at(opts, ratio)))
+        n = keep
+    if n:  # one more pass fills whatever is left (the cosine schedule normally ends at 0)
+        out.append(Round(opts.iters, n, n, opts.cfg, 0.0))
+    return [r for r in out if r.n > 0]

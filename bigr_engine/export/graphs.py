@@ -1,0 +1,103 @@
+"""The components of a generation as exportable modules: one ONNX graph each (TensorRT demo/Diffusion style), the
+sampling loop in the host program (`export.pipeline`).
+
+Each wraps the model's own modules (one source of truth for the math) and computes what the engine computes at the
+same point of its loop (`sampling.engine`), so an exported pipeline gives the engine's samples:
+
+- `Conditions`: (codes, mask, class weights) -> the transcoder's condition projection c_embedder(z) for every token.
+  The engine projects only the masked tokens; the projection is per token, so the host gathers the same rows.
+- `TranscoderStep`: one denoising step for M tokens: the transcoder on both CFG branches, the CFG combine, and the
+  arithmetic of `posterior_step` (sigmoid, p0, the posterior, the Bernoulli draw against given uniforms).
+- `Decoder` / `Encoder`: the B-AE's codes -> images and images -> bit probabilities.
+
+Random numbers are inputs (uniforms keyed by the counter RNG, computed by the host), so the graphs are pure functions.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bigr_engine.models.transcoder import timestep_features
+
+
+class Conditions(nn.Module):
+    """codes (B,N,K) float 0/1, mask (B,N) bool (True = masked), class_weights (B,C+1) -> cz (B,N,Hd) float32.
+
+    Class ids enter as one-hot weights: one-hot @ table is the table's row exactly, so one graph serves ids and
+    mixtures."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        super().__init__()
+        self.transformer = model.transformer
+        self.c_embedder = model.transcoder.c_embedder
+        self.dtype = dtype
+
+    def forward(self, codes, mask, class_weights):
+        z = self.transformer.conditions(codes.to(self.dtype), mask, class_weights.to(self.dtype))
+        return self.c_embedder(z).float()
+
+
+class TranscoderStep(nn.Module):
+    """One step of the Bernoulli denoiser for M tokens, both CFG branches at once.
+
+    x (M,K) float 0/1, cz (G,M,Hd) the condition projections of the G branches (G = 2: [conditional, unconditional];
+    G = 1: no CFG), step (1,) int64 in 1..T, cfg (1,) and temperature (1,) float32, coeffs (4,) float32 the posterior's
+    [k_final[t'], b_final[t'], like(x=1), like(x=0)] (see `pipeline.posterior_coefficients`), u (M,K) float32
+    uniforms -> p0 (M,K) float32 = P(x_0 = 1), x_next (M,K) float32 0/1 = [u < posterior] (greedy: u = 0.5).
+
+    The arithmetic is `ops.reference.posterior_step_ref`'s, in its order: logits / temperature, l_u + cfg (l_c - l_u)
+    (with G = 1, l_c + cfg * 0 = l_c exactly), sigmoid, p0 = x (1 - p_flip) + (1 - x) p_flip, the posterior. The sigmoid
+    is the graph runtime's (posterior_step's is correctly rounded from float64): the rare last-bit differences are
+    what the pipeline tests measure."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        super().__init__()
+        self.transcoder = model.transcoder
+        self.dtype = dtype
+
+    def forward(self, x, cz, step, cfg, temperature, coeffs, u):
+        tc = self.transcoder
+        G = cz.shape[0]
+        w = tc.t_embedder.mlp[0].weight
+        temb = tc.t_embedder.mlp(timestep_features(step - 1).to(w.dtype))               # (1, Hd)
+        c = cz.to(self.dtype) + temb.to(self.dtype)                                     # (G, M, Hd)
+        xg = x[None].expand(G, -1, -1)
+        logits = tc.forward_with_condition(xg, c).float() / temperature                 # (G, M, K)
+        l_c, l_u = logits[0], logits[G - 1]
+        l = l_u + cfg * (l_c - l_u)
+        p_flip = torch.sigmoid(l)
+        p0 = x * (1 - p_flip) + (1 - x) * p_flip
+        prior1 = coeffs[0] * p0 + coeffs[1]
+        on = x != 0
+        like1 = torch.where(on, coeffs[2], coeffs[3])
+        like0 = torch.where(on, coeffs[3], coeffs[2])
+        post1, post0 = prior1 * like1, (1 - prior1) * like0
+        post = post1 / (post1 + post0)
+        return p0, (u < post).float()
+
+
+class Decoder(nn.Module):
+    """codes (B,N,K) float 0/1 -> images (B,3,H,W) float32 in [0,1] (the B-AE's decode, clamped)."""
+
+    def __init__(self, bae, dtype: torch.dtype):
+        super().__init__()
+        self.bae = bae
+        self.dtype = dtype
+
+    def forward(self, codes):
+        g, K = self.bae.cfg.grid, self.bae.bits
+        bits = codes.transpose(1, 2).reshape(codes.shape[0], K, g, g).to(self.dtype)
+        return self.bae.generator(self.bae.quantize.embed_bits(bits)).float().clamp(0, 1)
+
+
+class Encoder(nn.Module):
+    """images (B,3,H,W) float in [0,1] -> bit probabilities (B,N,K) float32 (codes: p > 0.5)."""
+
+    def __init__(self, bae, dtype: torch.dtype):
+        super().__init__()
+        self.bae = bae
+        self.dtype = dtype
+
+    def forward(self, images):
+        p = self.bae.quantize.probs(self.bae.encoder(images.to(self.dtype)))
+        return p.flatten(2).transpose(1, 2).float()

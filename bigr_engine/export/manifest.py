@@ -1,0 +1,61 @@
+"""The export directory's manifest: reading and checking it (no torch, no onnx), shared by every pipeline."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from bigr_engine.errors import BigrError
+
+MANIFEST = "manifest.json"
+FORMAT = "bigr-engine-onnx"
+FORMAT_VERSION = 1
+REQUIRED_GRAPHS = ("conditions", "transcoder_step")
+
+
+def read_manifest(path, verify: bool = True) -> dict:
+    """The checked manifest of an export directory. verify: also check every graph file's size and sha256 (a
+    truncated or replaced file is refused here rather than failing inside the runtime)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BigrError(f"{root} is not an export folder; make one with `bigr export onnx --out {root}`")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BigrError(f"{root} has no {MANIFEST}, so it is not a bigr-engine export; make one with "
+                        f"`bigr export onnx --out DIR`")
+    try:
+        m = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BigrError(f"{mpath} is not valid JSON ({e}); export again with `bigr export onnx`") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BigrError(f"{mpath} is not a bigr-engine export manifest (format {m.get('format') if isinstance(m, dict) else None!r}, "
+                        f"expected {FORMAT!r})")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise BigrError(f"{root} was exported in format version {m.get('format_version')}, this bigr-engine reads "
+                        f"version {FORMAT_VERSION}; export again with this version")
+    for key in ("model", "graphs", "schedule", "sampling", "dtype"):
+        if key not in m:
+            raise BigrError(f"{mpath} lacks {key!r}; export again with `bigr export onnx`")
+    for name in REQUIRED_GRAPHS:
+        if name not in m["graphs"]:
+            raise BigrError(f"{root} has no {name} graph in its manifest; export again with `bigr export onnx`")
+    for name, g in m["graphs"].items():
+        for fname, meta in g.get("files", {}).items():
+            f = root / fname
+            if not f.is_file():
+                raise BigrError(f"{root} is missing {fname} (the {name} graph); export again or copy the whole folder")
+            if f.stat().st_size != meta["bytes"]:
+                raise BigrError(f"{f} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}: the file is "
+                                f"truncated or from another export; export again or copy the whole folder")
+            if verify and _sha256(f) != meta["sha256"]:
+                raise BigrError(f"{f} does not match its sha256 in the manifest: the file is corrupt or from another "
+                                f"export; export again or copy the whole folder")
+    return m
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,161 @@
+"""`bigr export onnx`: one ONNX graph per component (export.graphs) and a manifest that says what the host needs.
+
+The directory holds conditions.onnx, transcoder_step.onnx, and with a tokenizer decoder.onnx and encoder.onnx, plus
+manifest.json (format and exporting versions, the model's shape, every graph's inputs and outputs with their dtypes
+and dynamic axes, the schedule tables, the sampling defaults, the class names, and each file's size and sha256 so a
+corrupt or mismatched directory is refused with a clear message). Files appear only once all exports succeeded.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from bigr_engine._version import __version__
+from bigr_engine.errors import BigrError
+from bigr_engine.export import graphs
+from bigr_engine.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST, _sha256
+from bigr_engine.ops.reference import schedule_tables
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_OPSET = 23
+OPSETS = range(18, 26)   # what torch's exporter writes; TensorRT 11 reads up to 25
+
+
+def _export(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, opset: int) -> None:
+    import logging
+
+    import onnx
+    quiet = logging.getLogger("torch.onnx")   # e.g. "torchvision is not installed. Skipping torchvision::nms"
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
+                                    output_names=list(output_names), dynamic_shapes=dynamic_shapes, verbose=False,
+                                    optimize=True)
+    quiet.setLevel(level)
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > (1 << 30)
+    program.save(str(path), external_data=big)
+    onnx.checker.check_model(str(path), full_check=True)   # the checker with strict shape inference
+
+
+def _graph_io(path: Path) -> dict:
+    """Inputs and outputs of a saved graph as {name: {"dtype": ..., "shape": [int or axis name]}}."""
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+
+    def info(values):
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            out[v.name] = {"dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                           "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+        return out
+    return {"inputs": info(m.graph.input), "outputs": info(m.graph.output)}
+
+
+def export_onnx(model, bae, out, dtype: str = "float32", opset: int = DEFAULT_OPSET, sampling=None,
+                class_names=None, progress: bool = True) -> Path:
+    """Export `model` (a BiGR) and, when given, `bae` (its tokenizer) to the directory `out`; -> out.
+
+    dtype "bfloat16" puts bf16 weights and matmuls in the graphs (inputs and outputs stay float32), as TensorRT's
+    strongly typed networks need; ONNX Runtime's CPU provider cannot run bf16 Gemm, so CPU parity uses float32."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise BigrError(f"export needs the onnx extra ({e.name} is not installed): pip install 'bigr-engine[onnx]'") from None
+    if dtype not in DTYPES:
+        raise BigrError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if opset not in OPSETS:
+        raise BigrError(f"--opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BigrError(f"{out} exists and is not an empty folder; pass a new folder for the export")
+    cfg = model.cfg
+    if bae is not None:
+        from bigr_engine.io.checkpoints import check_pair
+        check_pair(model, bae)
+    dt = DTYPES[dtype]
+    B, N, K, C = 2, cfg.num_tokens, cfg.bits, cfg.num_classes + 1
+    model = _copy_to(model, dt)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    tokens = torch.export.Dim("tokens", min=1, max=1 << 24)
+    branches = torch.export.Dim("branches", min=1, max=2)
+    jobs = [
+        ("conditions", graphs.Conditions(model, dt),
+         (torch.randint(0, 2, (B, N, K)).float(), torch.rand(B, N) < 0.5, torch.eye(C)[torch.arange(B) % C]),
+         ("codes", "mask", "class_weights"), ("cz",),
+         {"codes": {0: batch}, "mask": {0: batch}, "class_weights": {0: batch}}),
+        ("transcoder_step", graphs.TranscoderStep(model, dt),
+         (torch.randint(0, 2, (3, K)).float(), torch.randn(2, 3, cfg.transcoder_dim), torch.tensor([cfg.train_steps]),
+          torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.9, 0.05, 0.9, 0.1]), torch.rand(3, K)),
+         ("x", "cz", "step", "cfg", "temperature", "coeffs", "u"), ("p0", "x_next"),
+         {"x": {0: tokens}, "cz": {0: branches, 1: tokens}, "step": None, "cfg": None, "temperature": None,
+          "coeffs": None, "u": {0: tokens}}),
+    ]
+    if bae is not None:
+        bae = _copy_to(bae, dt)
+        s = bae.cfg.img_size
+        jobs += [
+            ("decoder", graphs.Decoder(bae, dt), (torch.randint(0, 2, (B, N, K)).float(),), ("codes",), ("images",),
+             {"codes": {0: batch}}),
+            ("encoder", graphs.Encoder(bae, dt), (torch.rand(B, bae.cfg.in_channels, s, s),), ("images",),
+             ("probs",), {"images": {0: batch}}),
+        ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        from tqdm.auto import tqdm
+        graph_info = {}
+        for name, module, args, ins, outs, dyn in tqdm(jobs, desc="export onnx", unit="graph", disable=not progress):
+            path = tmp / f"{name}.onnx"
+            _export(module.eval(), args, path, ins, outs, dyn, opset)
+            files = sorted(p.name for p in tmp.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
+            graph_info[name] = {"file": path.name, **_graph_io(path),
+                                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                                          for f in files}}
+        tables = schedule_tables(cfg.train_steps)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "exported_by": {"bigr_engine": __version__, "torch": torch.__version__, "onnx_opset": opset},
+            "dtype": dtype,
+            "model": cfg.to_dict(),
+            "tokenizer": None if bae is None else {"img_size": bae.cfg.img_size, "bits": bae.bits, "grid": bae.cfg.grid,
+                                                   "in_channels": bae.cfg.in_channels},
+            "graphs": graph_info,
+            "schedule": {k: tables[k].tolist() for k in ("k_final", "b_final", "beta")},
+            "sampling": _sampling_dict(sampling if sampling is not None else getattr(model, "default_sampling", None)),
+            "class_names": list(class_names) if class_names else None,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _sampling_dict(opts) -> dict:
+    import dataclasses
+
+    from bigr_engine.sampling.options import as_options
+    return dataclasses.asdict(as_options(opts))
+
+
+def _copy_to(module, dtype: torch.dtype):
+    """A float32 / bf16 copy on the CPU for tracing (the caller's model is left as it is)."""
+    import copy
+    m = copy.deepcopy(module).cpu().to(dtype)
+    for attr in ("default_sampling", "class_names"):
+        if hasattr(module, attr):
+            setattr(m, attr, getattr(module, attr))
+    return m.eval()
