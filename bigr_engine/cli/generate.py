@@ -20,11 +20,16 @@ def cmd_generate(args) -> int:
     from bigr_engine.io.images import decode_to_uint8, make_grid, png_bytes
     out = Path(args.out)
     check_out_dir(out)
-    device = pick_device(args.device)
-    model, bae = load_models(args, device)
-    be.check_pair(model, bae)
+    if args.onnx:
+        model, generate, decode, sampling = _onnx_pipeline(args)
+    else:
+        device = pick_device(args.device)
+        model, bae = load_models(args, device)
+        be.check_pair(model, bae)
+        sampling = sampling_from_args(args, model)
+        generate = model.generate
+        decode = lambda codes: decode_to_uint8(bae, codes)  # noqa: E731
     ids = resolve_classes(args.classes, model)
-    sampling = sampling_from_args(args, model)
     labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(args.per_class)
     n = len(labels)
     chunks = []
@@ -32,9 +37,9 @@ def cmd_generate(args) -> int:
         for lo in range(0, n, args.batch_size):
             batch = labels[lo:lo + args.batch_size]
             # Sample i of the run is keyed by (seed, i): the batch size does not change any image.
-            codes = model.generate(batch, seed=args.seed, sample_index=torch.arange(lo, lo + len(batch)), **sampling)
+            codes = generate(batch, seed=args.seed, sample_index=torch.arange(lo, lo + len(batch)), **sampling)
             # decoded in fixed-shape batches, as sample-many does: the same (seed, i) gives the same pixels
-            chunks.append(decode_to_uint8(bae, codes))
+            chunks.append(decode(codes))
             bar.update(len(batch))
     images = np.concatenate(chunks)
     nrow = args.nrow or (args.per_class if args.per_class > 1 else min(8, n))
@@ -43,6 +48,31 @@ def cmd_generate(args) -> int:
     write_files_atomic(files)  # only now, after everything succeeded, do files appear in --out
     print(f"wrote {n} image{'s' if n != 1 else ''} ({images.shape[2]}x{images.shape[1]}) to {out}/ and the grid {out / 'grid.png'}")
     return 0
+
+
+def _onnx_pipeline(args):
+    """--onnx DIR: the exported pipeline on ONNX Runtime, with the flags checked against what it supports."""
+    from bigr_engine.export.pipeline import OnnxPipeline
+    from bigr_engine.io.images import to_uint8
+    clash = [flag for flag, given in (("--ckpt", args.ckpt), ("--bae", args.bae), ("--device", args.device),
+                                      ("--dtype", args.dtype != "auto"), ("--reuse", args.reuse not in ("exact", "off")))
+             if given]
+    if clash:
+        raise BigrError(f"{', '.join(clash)} cannot be combined with --onnx: the export fixes the model, tokenizer and "
+                        f"precision, and runs the exact loop; leave {'it' if len(clash) == 1 else 'them'} out")
+    pipe = OnnxPipeline(args.onnx)
+    if not pipe.has_tokenizer:
+        raise BigrError(f"{args.onnx} was exported without a tokenizer, so it cannot write images; export with --bae "
+                        f"(or the bundled default)")
+    given = {k: getattr(args, k) for k in ("cfg", "iters", "steps", "gumbel", "cfg_schedule", "gumbel_schedule",
+                                           "temperature")}
+    if args.greedy:
+        given["greedy"] = True
+    pipe.sampling_options(**given, seed=args.seed)          # checked before any work starts
+
+    def generate(batch, seed, sample_index, **options):
+        return pipe.generate(batch.numpy(), seed=seed, sample_index=sample_index.numpy(), **options)
+    return pipe, generate, lambda codes: to_uint8(pipe.decode(codes)), {k: v for k, v in given.items() if v is not None}
 
 
 def cmd_convert(args) -> int:
@@ -100,6 +130,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call; in float32 it does not change the images (bfloat16 matmuls on a GPU may round differently per batch size: pass --dtype float32 where that matters)")
     p.add_argument("--nrow", type=positive_int, help="images per row of the grid (default: --per-class if > 1, else up to 8)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--onnx", metavar="DIR", help="run an export of `bigr export onnx` on ONNX Runtime instead of "
+                   "the PyTorch engine (the same images in float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 

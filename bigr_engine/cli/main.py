@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from bigr_engine.cli import apps, generate, sample_many, train
+from bigr_engine.cli import apps, export, generate, sample_many, train
 from bigr_engine.cli.common import Parser, one_line
 from bigr_engine.errors import BigrError
 
@@ -15,7 +15,7 @@ from bigr_engine.errors import BigrError
 def build_parser() -> Parser:
     ap = Parser(prog="bigr", description="bigr-engine: BiGR image generation on binary latent codes")
     sub = ap.add_subparsers(dest="command", required=True)
-    for group in (generate, train, apps, sample_many):
+    for group in (generate, train, apps, sample_many, export):
         group.register(sub)
     return ap
 

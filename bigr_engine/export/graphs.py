@@ -85,9 +85,11 @@ class Decoder(nn.Module):
         self.dtype = dtype
 
     def forward(self, codes):
-        g, K = self.bae.cfg.grid, self.bae.bits
-        bits = codes.transpose(1, 2).reshape(codes.shape[0], K, g, g).to(self.dtype)
-        return self.bae.generator(self.bae.quantize.embed_bits(bits)).float().clamp(0, 1)
+        # quantize.embed_bits as a MatMul (ONNX's Einsum takes no bfloat16): (B,N,K) @ (K,d) -> (B,d,G,G)
+        g = self.bae.cfg.grid
+        h = codes.to(self.dtype) @ self.bae.quantize.embed.weight
+        h = h.transpose(1, 2).reshape(codes.shape[0], -1, g, g)
+        return self.bae.generator(h).float().clamp(0, 1)
 
 
 class Encoder(nn.Module):

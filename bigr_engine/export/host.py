@@ -55,20 +55,18 @@ def to_gumbel(u: np.ndarray) -> np.ndarray:
 
 
 def inference_steps(T: int, S: int) -> list[int]:
-    """models.transcoder.inference_steps (torch.linspace's float64 values: the first half from the start, the second
-    from the end, as torch computes them)."""
+    """models.transcoder.inference_steps, with torch.linspace's float64 values as its CPU kernel computes them: the
+    first half as step * i, the second as 1 - step * (S - 1 - i) rounded once (a fused multiply-add; exact rationals
+    here, checked against torch for every S up to T = 1000)."""
     if S < 1 or S > T:
         raise ValueError(f"transcoder steps must be in 1..{T}, got {S}")
     if S == T:
         steps = list(range(1, T + 1))
     else:
-        if S == 1:
-            grid = np.zeros(1)
-        else:
-            step = 1.0 / (S - 1)
-            i = np.arange(S, dtype=np.float64)
-            half = S // 2
-            grid = np.where(i < half, i * step, 1.0 - (S - 1 - i) * step)
+        from fractions import Fraction
+        step = 1.0 / (S - 1) if S > 1 else 0.0
+        grid = np.array([step * i if i < S // 2 or S == 1 else float(1 - Fraction(step) * (S - 1 - i))
+                         for i in range(S)])
         steps = (np.floor(grid * (T - 1)).astype(np.int64) + 1).tolist()
     return steps[::-1]
 

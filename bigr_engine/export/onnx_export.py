@@ -33,12 +33,14 @@ def _export(module, args: tuple, path: Path, input_names, output_names, dynamic_
     quiet = logging.getLogger("torch.onnx")   # e.g. "torchvision is not installed. Skipping torchvision::nms"
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
-                                    output_names=list(output_names), dynamic_shapes=dynamic_shapes, verbose=False,
-                                    optimize=True)
-    quiet.setLevel(level)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=list(input_names),
+                                        output_names=list(output_names), dynamic_shapes=dynamic_shapes,
+                                        verbose=False, optimize=True)
+    finally:
+        quiet.setLevel(level)
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > (1 << 30)
     program.save(str(path), external_data=big)
     onnx.checker.check_model(str(path), full_check=True)   # the checker with strict shape inference

@@ -1,0 +1,77 @@
+"""`bigr export onnx` (graphs + manifest) and `bigr export tensorrt` (engines built from an ONNX export, on a GPU)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bigr_engine.cli.common import check_out_dir, positive_int
+from bigr_engine.errors import BigrError
+
+
+def cmd_export_onnx(args) -> int:
+    import bigr_engine as be
+    from bigr_engine.export.onnx_export import export_onnx
+    out = Path(args.out)
+    check_out_dir(out)
+    if args.ckpt is None and args.bae is not None:
+        raise BigrError("--bae needs --ckpt (the BiGR model it tokenizes for); give neither for the bundled default")
+    if args.ckpt is None:
+        model, bae = be.load_default()
+    else:
+        model = be.load_bigr(args.ckpt)
+        bae = be.load_bae(args.bae) if args.bae else None
+    export_onnx(model, bae, out, dtype=args.dtype, opset=args.opset, class_names=getattr(model, "class_names", None),
+                progress=not args.quiet)
+    graphs = sorted(p.name for p in out.glob("*.onnx"))
+    print(f"wrote {', '.join(graphs)} and manifest.json to {out}/ ({args.dtype}, opset {args.opset})")
+    return 0
+
+
+def _buckets(text: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise BigrError(f"--batch-buckets must be comma-separated positive integers, e.g. 1,8,64; got {text!r}") from None
+    if not values or values[0] < 1:
+        raise BigrError(f"--batch-buckets must be comma-separated positive integers, e.g. 1,8,64; got {text!r}")
+    return values
+
+
+def cmd_export_tensorrt(args) -> int:
+    from bigr_engine.export.tensorrt import build_engines
+    out = Path(args.out)
+    written = build_engines(args.onnx, out, _buckets(args.batch_buckets), progress=not args.quiet)
+    print(f"wrote {len(written)} engines and the timing cache to {out}/")
+    return 0
+
+
+def register(sub) -> None:
+    from bigr_engine.export.onnx_export import DEFAULT_OPSET, DTYPES, OPSETS
+    p = sub.add_parser("export", help="deployment: ONNX graphs, TensorRT engines",
+                       description="Export the model as one ONNX graph per component (bigr export onnx), or build "
+                                   "TensorRT engines from such an export on a GPU machine (bigr export tensorrt).")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    q = kinds.add_parser("onnx", help="ONNX graphs + manifest.json",
+                         description="Write conditions.onnx and transcoder_step.onnx (and decoder.onnx, encoder.onnx "
+                                     "when a tokenizer is given) with a dynamic batch axis, and manifest.json. Without "
+                                     "--ckpt the bundled default model and tokenizer are exported. Run the export with "
+                                     "`bigr generate --onnx DIR` or bigr_engine.OnnxPipeline(DIR).")
+    q.add_argument("--ckpt", metavar="MODEL", help="BiGR model (released .pt or .safetensors); default: the bundled one")
+    q.add_argument("--bae", metavar="TOKENIZER", help="its B-AE tokenizer; exports the decoder and encoder graphs too")
+    q.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder for the export")
+    q.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="weights and matmuls in the graphs (default float32; bfloat16 for TensorRT, which ONNX "
+                        "Runtime's CPU provider cannot run)")
+    q.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {OPSETS.start}..{OPSETS.stop - 1} (default {DEFAULT_OPSET}: standard Attention "
+                        f"and RMSNormalization)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_export_onnx)
+    q = kinds.add_parser("tensorrt", help="TensorRT engines from an ONNX export (needs a GPU and `tensorrt`)",
+                         description="Build one engine per graph of an ONNX export, with an optimization profile per "
+                                     "batch bucket and a timing cache, using the `tensorrt` Python package on a GPU.")
+    q.add_argument("--onnx", required=True, metavar="DIR", help="a folder written by `bigr export onnx`")
+    q.add_argument("--out", required=True, metavar="ENGINES", help="folder for the engines")
+    q.add_argument("--batch-buckets", default="1,8,64", help="images per call the profiles are tuned for "
+                   "(default 1,8,64)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_export_tensorrt)
