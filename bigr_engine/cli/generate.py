@@ -131,7 +131,7 @@ def register(sub) -> None:
     p.add_argument("--nrow", type=positive_int, help="images per row of the grid (default: --per-class if > 1, else up to 8)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--onnx", metavar="DIR", help="run an export of `bigr export onnx` on ONNX Runtime instead of "
-                   "the PyTorch engine (the same images in float32)")
+                   "the PyTorch engine (the same codes in float32; pixels within one level)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 

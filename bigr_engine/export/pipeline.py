@@ -8,7 +8,6 @@ concurrent generate calls.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -207,8 +206,3 @@ def _has_gpu_provider(providers) -> bool:
     return any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") or
                (isinstance(p, tuple) and p[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
                for p in providers)
-
-
-def default_threads() -> int | None:
-    v = os.environ.get("BIGR_ORT_THREADS")
-    return int(v) if v else None
