@@ -141,7 +141,9 @@ def _run(args, cwd):
 
 @needs_ext
 def test_extension_imports_outside_the_repo(tmp_path):
-    out = _run(["-c", "import bigr_engine._C as C, torch; print(C.build_info()); print(torch.ops.bigr.pack_bits)"],
+    # torch first: the extension links against libtorch, which `import bigr_engine` no longer loads by itself (the
+    # package imports torch lazily so that the exported pipeline runs without it); ops.loader imports torch first
+    out = _run(["-c", "import torch, bigr_engine._C as C; print(C.build_info()); print(torch.ops.bigr.pack_bits)"],
                tmp_path)
     assert out.returncode == 0, out.stderr
     assert "torch_version" in out.stdout
