@@ -59,3 +59,29 @@ def poison(device):
     if torch.device(device).type == "cuda":
         junk = torch.full((1 << 22,), float("nan"), device=device)
         del junk
+
+
+def _skip_kind(reason: str) -> str:
+    r = reason.lower()
+    if "cuda" in r or "gpu" in r:
+        return "CUDA / GPU"
+    if "not installed" in r or "could not import" in r or "no module named" in r or "extra" in r:
+        return "missing optional dependency"
+    return "other"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line that says why tests were skipped, so that a skip of another kind cannot hide among the CUDA ones."""
+    from collections import Counter
+    kinds, other = Counter(), Counter()
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        kind = _skip_kind(reason)
+        kinds[kind] += 1
+        if kind == "other":
+            other[reason] += 1
+    if kinds:
+        terminalreporter.write_line("skipped: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()))
+        for reason, n in other.most_common(10):
+            terminalreporter.write_line(f"  other: {n} x {reason}")

@@ -40,19 +40,22 @@ def _batches(source, batch_size: int):
 
 
 @torch.no_grad()
-def embed(model, bae, images_or_loader, layer: int, labels=None, batch_size: int = 64, return_labels: bool = False,
+def embed(model, bae, images_or_loader, layer: int | None = None, labels=None, batch_size: int = 64, return_labels: bool = False,
           progress: bool = False):
     """Pooled features (n, D) float32 on the CPU, one row per image.
 
     images_or_loader: a float tensor (n, 3, S, S) in [0, 1] at the tokenizer's size, or an iterable yielding
     such batches or (images, labels) pairs (e.g. ``datasets.image_folder``). layer: the last transformer
-    block to run (0-based; the paper uses 10 / 15 / 32 for L / XL / XXL, counting from 1). labels: the
+    block to run (0-based; default ``model.default_layer()``: the paper's 10 / 15 / 32 for L / XL / XXL, counting
+    from 1, the middle block otherwise). labels: the
     condition class (None = the null class, as in the paper; or one class id for every image).
     With ``return_labels`` -> (features, dataset labels (n,) int64), which the loader must yield."""
     from bigr_engine.io.checkpoints import check_pair
     check_pair(model, bae)
     if int(batch_size) < 1:
         raise BigrError(f"batch_size must be positive, got {batch_size}")
+    if layer is None:
+        layer = model.default_layer()
     if not 0 <= int(layer) < model.cfg.n_layer:
         raise BigrError(f"layer {layer} is out of range: this model has layers 0..{model.cfg.n_layer - 1}")
     dev_bae = next(bae.parameters()).device

@@ -81,6 +81,8 @@ def _labels(model, labels, batch: int, variations: int) -> tuple[torch.Tensor, b
     """-> (labels for the batch * variations rows, whether they are all the null class)."""
     if labels is None:
         return torch.full((batch * variations,), model.cfg.null_class, dtype=torch.long, device=model.device), True
+    if isinstance(labels, str) or (isinstance(labels, (list, tuple)) and any(isinstance(x, str) for x in labels)):
+        labels = model.check_labels(labels)   # class names, as generate takes them
     t = torch.as_tensor(labels, device=model.device)
     if t.is_floating_point():
         t = t if t.dim() == 2 else t[None]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigr_engine.cli.common import load_models, pick_device
+from bigr_engine.cli.common import load_models, pick_device, report_earlier_files, with_run_manifest
 from bigr_engine.errors import BigrError
 from bigr_engine.io.files import write_files_atomic
 
@@ -21,30 +21,33 @@ DEFAULT_OUT = "bigr_out"
 
 # ---- argument groups ---------------------------------------------------------------------------
 
-def _add_models(p: argparse.ArgumentParser, required: bool = True):
-    p.add_argument("--ckpt", required=required, metavar="MODEL", help="BiGR checkpoint (.pt release file or .safetensors)")
-    p.add_argument("--bae", required=required, metavar="TOKENIZER", help="B-AE tokenizer checkpoint (.th release file or .safetensors)")
+def _add_models(p: argparse.ArgumentParser):
+    p.add_argument("--ckpt", metavar="MODEL", help="BiGR checkpoint (.pt release file or .safetensors); default: the "
+                                                   "bundled model (with --bae)")
+    p.add_argument("--bae", metavar="TOKENIZER", help="B-AE tokenizer checkpoint (.th release file or .safetensors); "
+                                                      "default: the bundled one")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, variations: bool = True):
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling (defaults: the model's own settings, as for `bigr generate`)")
     g.add_argument("--seed", type=int, default=0, help="random seed (results are keyed by seed and sample index)")
     if variations:
         g.add_argument("--variations", type=int, default=1, help="results per input (default 1)")
-    g.add_argument("--iters", type=int, default=20, help="unmasking iterations (default 20)")
-    g.add_argument("--steps", type=int, default=100, help="transcoder denoising steps (default 100)")
-    g.add_argument("--cfg", type=float, default=2.5, help="classifier-free guidance scale (default 2.5; no effect with the null class)")
-    g.add_argument("--gumbel", type=float, default=0.0, help="Gumbel temperature of the unmasking order (default 0)")
-    g.add_argument("--temperature", type=float, default=1.0, help="transcoder logit temperature (default 1)")
-    g.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
-    g.add_argument("--gumbel-schedule", default="constant", choices=["constant", "down", "up"])
+    g.add_argument("--iters", type=int, help="unmasking iterations")
+    g.add_argument("--steps", type=int, help="transcoder denoising steps")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (no effect with the null class)")
+    g.add_argument("--gumbel", type=float, help="Gumbel temperature of the unmasking order")
+    g.add_argument("--temperature", type=float, help="transcoder logit temperature")
+    g.add_argument("--cfg-schedule", choices=["constant", "linear"])
+    g.add_argument("--gumbel-schedule", choices=["constant", "down", "up"])
 
 
 def _add_images(p: argparse.ArgumentParser, mask_help: str):
     p.add_argument("images", nargs="+", metavar="IMAGE", help="input images of any size (centre-cropped and resized to the tokenizer's size)")
     m = p.add_mutually_exclusive_group(required=True)
-    m.add_argument("--mask", nargs="+", metavar="PNG", help=mask_help + " One mask per image, or one for all; each of its image's size.")
+    m.add_argument("--mask", action="append", metavar="PNG", help=mask_help + " One mask for all images, or "
+                   "--mask repeated once per image (in order); each of its image's size.")
     m.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a rectangle instead of mask files, in the tokenizer-size frame "
                                                           "after crop and resize (x0 <= x < x1, y0 <= y < y1)")
     p.add_argument("--blend", action="store_true", help="Poisson-blend each result into the input (needs opencv-python-headless)")
@@ -52,8 +55,18 @@ def _add_images(p: argparse.ArgumentParser, mask_help: str):
 
 
 def _sampling(args) -> dict:
+    """The sampling flags given (None = the model's default)."""
     return dict(seed=args.seed, iters=args.iters, steps=args.steps, cfg=args.cfg, gumbel=args.gumbel,
                 temperature=args.temperature, cfg_schedule=args.cfg_schedule, gumbel_schedule=args.gumbel_schedule)
+
+
+def _load_checked(args):
+    """The models, with every sampling flag and --variations checked against them before any work starts."""
+    if getattr(args, "variations", 1) < 1:
+        raise BigrError(f"--variations must be at least 1, got {args.variations}")
+    model, bae = _load(args)
+    model.sampling_options(**_sampling(args))
+    return model, bae
 
 
 def register(subparsers) -> None:
@@ -76,7 +89,7 @@ def register(subparsers) -> None:
                               description="Class-conditional inpainting: the white part of each mask is regenerated as --class.")
     _add_models(p)
     _add_images(p, "Mask PNGs, white = regenerate.")
-    p.add_argument("--class", dest="label", required=True, metavar="ID", help="class id to paint in")
+    p.add_argument("--class", dest="label", required=True, metavar="CLASS", help="class id or name to paint in")
     _add_sampling(p)
     p.set_defaults(func=cmd_inpaint, app="edit")
 
@@ -84,8 +97,9 @@ def register(subparsers) -> None:
                               description="Generate with the condition w*table[a] + (1-w)*table[b] for each weight w; "
                                           "every weight of a variation shares its random draws.")
     _add_models(p)
-    p.add_argument("--class-a", required=True, metavar="ID", help="class at weight 1")
-    p.add_argument("--class-b", required=True, metavar="ID", help="class at weight 0")
+    p.add_argument("--class-a", required=True, metavar="CLASS", help="class id or name at weight 1")
+    p.add_argument("--class-b", required=True, metavar="CLASS", help="class id or name at weight 0 (the null "
+                                                                      "class id too)")
     p.add_argument("--weights", default="1,0.75,0.5,0.25,0", help="comma-separated weights of class a (default 1,0.75,0.5,0.25,0)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")
     _add_sampling(p)
@@ -109,8 +123,9 @@ def register(subparsers) -> None:
                                           "(root/<class>/<image>) also writes its labels and class names.")
     _add_models(p)
     p.add_argument("source", nargs="+", metavar="SOURCE", help="one image folder (ImageFolder layout) or image files")
-    p.add_argument("--layer", type=int, required=True, help="last transformer block to run, 0-based (the paper uses the "
-                                                            "10th / 15th / 32nd layer of L / XL / XXL)")
+    p.add_argument("--layer", type=int, help="last transformer block to run, 0-based (default: the paper's 10th / 15th "
+                                             "/ 32nd layer of L / XL / XXL, counting from 1; the middle block of "
+                                             "other models)")
     p.add_argument("--out", required=True, metavar="FEATS.npy", help="features file to write")
     p.add_argument("--labels-out", default=None, metavar="LABELS.npy", help="labels file for a folder source (default: FEATS_labels.npy)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -119,13 +134,15 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("probe", help="linear probe: top-1/top-5 accuracy of features",
                               description="Train BatchNorm + Linear with LARS (warm-up then cosine) on training features and "
                                           "report test accuracy. TRAIN/TEST are .npy feature files (with --train-labels / "
-                                          "--test-labels) or image folders (then --ckpt, --bae and --layer are needed).")
-    _add_models(p, required=False)
+                                          "--test-labels) or image folders (embedded with --ckpt/--bae, default the "
+                                          "bundled model, after --layer).")
+    _add_models(p)
     p.add_argument("--train", required=True, metavar="FEATS.npy|DIR")
     p.add_argument("--test", required=True, metavar="FEATS.npy|DIR")
     p.add_argument("--train-labels", metavar="LABELS.npy")
     p.add_argument("--test-labels", metavar="LABELS.npy")
-    p.add_argument("--layer", type=int, default=None, help="block whose features to use (image folders only)")
+    p.add_argument("--layer", type=int, default=None, help="block whose features to use (image folders only; default "
+                                                           "as for `bigr embed`)")
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--base-lr", type=float, default=0.1, help="learning rate per 256 samples of batch (default 0.1)")
@@ -156,11 +173,12 @@ def _load(args):
 
 
 def _class_id(text, model, name: str = "class", allow_null: bool = False) -> int:
+    from bigr_engine.models.classes import class_ids
     C = model.cfg.num_classes
     try:
         c = int(str(text).strip())
     except ValueError:
-        c = None
+        c = class_ids([str(text)], model)[0]   # a class name, or a clear error naming the valid ones
     top = C if allow_null else C - 1
     if c is None or not 0 <= c <= top:
         extra = f" (or {C} for the null class)" if allow_null else ""
@@ -300,9 +318,7 @@ def cmd_inpaint(args) -> int:
     from bigr_engine.apps import zero_shot as apps
     if args.blend:
         _check_blend_available()
-    if args.variations < 1:
-        raise BigrError(f"--variations must be at least 1, got {args.variations}")
-    model, bae = _load(args)
+    model, bae = _load_checked(args)
     S = bae.cfg.img_size
     label = _class_id(args.label, model) if args.app == "edit" else None
     images, sizes = _read_inputs(args.images, S)
@@ -328,19 +344,19 @@ def cmd_inpaint(args) -> int:
             row.append(_to_pil(img))
         rows.append(row)
     files[out / f"{args.app}_sheet.png"] = _sheet(rows)
+    files = with_run_manifest(out, files, args)
     _report(_write_all(files))
+    report_earlier_files(out, files)
     return 0
 
 
 def cmd_interpolate(args) -> int:
     from bigr_engine.apps import zero_shot as apps
-    if args.variations < 1:
-        raise BigrError(f"--variations must be at least 1, got {args.variations}")
     try:
         weights = [float(w) for w in args.weights.split(",")]
     except ValueError:
         raise BigrError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
-    model, bae = _load(args)
+    model, bae = _load_checked(args)
     a = _class_id(args.class_a, model, "class", allow_null=True)
     b = _class_id(args.class_b, model, "class", allow_null=True)
     imgs = apps.interpolate(model, bae, a, b, weights, variations=args.variations, **_sampling(args)).cpu()
@@ -354,7 +370,9 @@ def cmd_interpolate(args) -> int:
             row.append(pil)
         rows.append(row)
     files[out / "interpolate_sheet.png"] = _sheet(rows)
+    files = with_run_manifest(out, files, args)
     _report(_write_all(files))
+    report_earlier_files(out, files)
     print("weights of class a per column: " + ", ".join(f"w{k}={w:g}" for k, w in enumerate(weights)))
     return 0
 
@@ -362,11 +380,11 @@ def cmd_interpolate(args) -> int:
 def cmd_enrich(args) -> int:
     from bigr_engine.apps import zero_shot as apps
     from bigr_engine.io.images import center_crop_resize, open_image, to_tensor
-    if args.variations < 1:
-        raise BigrError(f"--variations must be at least 1, got {args.variations}")
     if args.low_res is not None and args.low_res < 1:
         raise BigrError(f"--low-res must be a positive pixel size, got {args.low_res}")
-    model, bae = _load(args)
+    if args.ds < 1 or args.rounds < 1:
+        raise BigrError(f"--ds and --rounds must be positive, got --ds {args.ds} --rounds {args.rounds}")
+    model, bae = _load_checked(args)
     S = bae.cfg.img_size
     crops = []
     for p in args.images:
@@ -390,7 +408,9 @@ def cmd_enrich(args) -> int:
             row.append(pil)
         rows.append(row)
     files[out / "enrich_sheet.png"] = _sheet(rows)
+    files = with_run_manifest(out, files, args)
     _report(_write_all(files))
+    report_earlier_files(out, files)
     return 0
 
 
@@ -424,7 +444,8 @@ def cmd_embed(args) -> int:
         files[lab] = labels.astype(np.int64)
         files[lab.with_name(lab.stem + "_classes.txt")] = "".join(c + "\n" for c in classes)
     _report(_write_all(files))
-    print(f"{feats.shape[0]} images, {feats.shape[1]} features each (layer {args.layer})")
+    print(f"{feats.shape[0]} images, {feats.shape[1]} features each (layer "
+          f"{model.default_layer() if args.layer is None else args.layer})")
     return 0
 
 
@@ -444,8 +465,6 @@ def cmd_probe(args) -> int:
     data = {}
     for split, src, lab in (("train", args.train, args.train_labels), ("test", args.test, args.test_labels)):
         if Path(src).is_dir():
-            if not (args.ckpt and args.bae) or args.layer is None:
-                raise BigrError(f"{src} is an image folder: pass --ckpt, --bae and --layer to embed it, or .npy features")
             if model is None:
                 model, bae = _load(args)
             feats, labels, _ = _embed_source(model, bae, [src], args.layer, 64)

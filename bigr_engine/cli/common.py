@@ -119,5 +119,29 @@ def sampling_from_args(args, model) -> dict:
     return {**{k: v for k, v in given.items() if v is not None}, "dtype": args.dtype, "reuse": args.reuse}
 
 
+RUN_MANIFEST = "bigr_run.json"
+
+
+def with_run_manifest(out: Path, files: dict, args) -> dict:
+    """files + out/bigr_run.json, written last: the files of this run (relative to out) and the command that made
+    them. A reused --out keeps earlier runs' files (nothing is deleted); the manifest says which files are this run's."""
+    import json
+
+    from bigr_engine import __version__
+    names = sorted(str(Path(p).relative_to(out)) for p in files)
+    record = {"command": "bigr " + " ".join(getattr(args, "argv", []) or []), "bigr_engine": __version__,
+              "files": names}
+    return {**files, out / RUN_MANIFEST: json.dumps(record, indent=1) + "\n"}
+
+
+def report_earlier_files(out: Path, files: dict) -> None:
+    """One line when `out` also holds files this run did not write (from an earlier run into the same folder)."""
+    ours = {Path(p).resolve() for p in files}
+    others = [p for p in out.rglob("*") if p.is_file() and p.resolve() not in ours and p.name != RUN_MANIFEST]
+    if others:
+        print(f"note: {out}/ also holds {len(others)} file{'s' if len(others) != 1 else ''} from earlier runs; "
+              f"{out / RUN_MANIFEST} lists this run's")
+
+
 def one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__

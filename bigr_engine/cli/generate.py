@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigr_engine.cli.common import (add_model_and_sampling_flags, check_out_dir,
-                                    load_models, pick_device, positive_int, sampling_from_args)
+from bigr_engine.cli.common import (add_model_and_sampling_flags, check_out_dir, load_models, pick_device,
+                                    positive_int, report_earlier_files, sampling_from_args, with_run_manifest)
 from bigr_engine.errors import BigrError
-from bigr_engine.models.classes import resolve_classes
+from bigr_engine.models.classes import class_names, resolve_classes
 
 
 def cmd_generate(args) -> int:
@@ -43,11 +43,26 @@ def cmd_generate(args) -> int:
             bar.update(len(batch))
     images = np.concatenate(chunks)
     nrow = args.nrow or (args.per_class if args.per_class > 1 else min(8, n))
-    files = {out / f"{i:05d}_{int(c)}.png": png_bytes(img) for i, (img, c) in enumerate(zip(images, labels))}
+    if args.by_class:   # ImageFolder layout (root/<class>/<image>), which `bigr embed` and `bigr probe` read
+        names = class_names(model)
+        folder = {int(c): _folder_name(names[int(c)] if int(c) < len(names) else str(int(c)), int(c))
+                  for c in set(labels.tolist())}
+        files = {out / folder[int(c)] / f"{i:05d}.png": png_bytes(img) for i, (img, c) in enumerate(zip(images, labels))}
+    else:
+        files = {out / f"{i:05d}_{int(c)}.png": png_bytes(img) for i, (img, c) in enumerate(zip(images, labels))}
     files[out / "grid.png"] = png_bytes(make_grid(images, nrow))
+    files = with_run_manifest(out, files, args)
     write_files_atomic(files)  # only now, after everything succeeded, do files appear in --out
     print(f"wrote {n} image{'s' if n != 1 else ''} ({images.shape[2]}x{images.shape[1]}) to {out}/ and the grid {out / 'grid.png'}")
+    report_earlier_files(out, files)
     return 0
+
+
+def _folder_name(name: str, class_id: int) -> str:
+    """A class's folder under --by-class: its id and first name, with path-unsafe characters replaced."""
+    import re
+    first = name.split(",")[0].strip()
+    return f"{class_id:04d}_{re.sub(r'[^A-Za-z0-9._-]+', '-', first).strip('-') or class_id}"
 
 
 def _onnx_pipeline(args):
@@ -129,6 +144,8 @@ def register(sub) -> None:
                    "(default samples)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call; in float32 it does not change the images (bfloat16 matmuls on a GPU may round differently per batch size: pass --dtype float32 where that matters)")
     p.add_argument("--nrow", type=positive_int, help="images per row of the grid (default: --per-class if > 1, else up to 8)")
+    p.add_argument("--by-class", action="store_true", help="write DIR/<class>/{index:05d}.png (the image-folder "
+                   "layout `bigr embed` and `bigr probe` read) instead of DIR/{index:05d}_{class}.png")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--onnx", metavar="DIR", help="run an export of `bigr export onnx` on ONNX Runtime instead of "
                    "the PyTorch engine (the same codes in float32; pixels within one level)")

@@ -14,6 +14,10 @@ from bigr_engine.ops.reference import schedule_tables
 from bigr_engine.models.transformer import Transformer
 
 
+# The paper's representation layers (1-based 10 / 15 / 32) per released size, keyed by (dim, layers), 0-based.
+PAPER_LAYERS = {(1024, 24): 9, (1280, 36): 14, (1536, 48): 31}
+
+
 class BiGRNetwork(nn.Module):
     def __init__(self, cfg: BiGRConfig):
         super().__init__()
@@ -82,6 +86,13 @@ class BiGRNetwork(nn.Module):
         mask = torch.zeros(codes.shape[:2], dtype=torch.bool, device=self.device)
         return self.transformer(codes.to(self.device), mask, self.check_labels(labels), last_layer=layer)[:, 1:]
 
-    def representation(self, codes, layer: int, labels=None) -> torch.Tensor:
-        """Pooled features (B,D): mean over tokens of `token_features`; labels=None uses the null class."""
-        return self.token_features(codes, layer, labels).mean(1)
+    def default_layer(self) -> int:
+        """The representation layer (0-based) used when none is given: the paper's for the released sizes (its 10th,
+        15th and 32nd layers of L, XL and XXL), the middle block otherwise (the best probe layer of the bundled
+        model: bench/results/default-model/quality.md)."""
+        return PAPER_LAYERS.get((self.cfg.dim, self.cfg.n_layer), self.cfg.n_layer // 2)
+
+    def representation(self, codes, layer: int | None = None, labels=None) -> torch.Tensor:
+        """Pooled features (B,D): mean over tokens of `token_features` after blocks 0..layer (default:
+        `default_layer()`); labels=None uses the null class."""
+        return self.token_features(codes, self.default_layer() if layer is None else layer, labels).mean(1)

@@ -65,7 +65,12 @@ def _name_to_id(part: str, names: list[str], lookup) -> int:
     if not near:
         import difflib
         near = difflib.get_close_matches(key, [_norm(n) for n in short], n=5, cutoff=0.75)
-    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else f"; pass a class id 0..{len(names) - 1} instead"
+    if near:
+        hint = f"; did you mean {', '.join(repr(n) for n in near)}?"
+    elif len(short) <= 20:   # a small model: list them all
+        hint = f"; this model's classes are {', '.join(f'{i} {n}' for i, n in enumerate(short))}"
+    else:
+        hint = f"; pass a class id 0..{len(names) - 1} instead"
     raise BigrError(f"unknown class name {part!r}{hint}")
 
 

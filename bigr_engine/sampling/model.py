@@ -20,7 +20,9 @@ class BiGR(BiGRNetwork):
 
     def __init__(self, cfg: BiGRConfig):
         super().__init__(cfg)
-        self.default_sampling: SamplingOptions = paper_sampling(cfg.dim, cfg.n_layer)
+        paper = paper_sampling(cfg.dim, cfg.n_layer)   # capped to what a smaller model can take
+        self.default_sampling: SamplingOptions = paper.replace(steps=min(paper.steps, cfg.train_steps),
+                                                               iters=min(paper.iters, cfg.num_tokens))
         self.class_names: list[str] | None = None
 
     def sampling_options(self, **overrides) -> SamplingOptions:

@@ -374,7 +374,8 @@ def test_cli_embed_and_probe(parser, ckpts, tmp_path, capsys):
                "--warmup-epochs", "0") == 0
     with pytest.raises(be.BigrError, match="--train-labels"):
         run(parser, None, "probe", "--train", str(feats), "--test", str(feats), "--test-labels", lab)
-    with pytest.raises(be.BigrError, match="pass --ckpt, --bae and --layer"):
+    # without --ckpt/--bae an image folder is embedded by the bundled model: its 128 features cannot meet these 64
+    with pytest.raises(be.BigrError, match="embed both with the same model"):
         run(parser, None, "probe", "--train", str(root), "--test", str(feats), "--test-labels", lab)
     plot = tmp_path / "plots" / "tsne.png"
     assert run(parser, None, "tsne", str(feats), lab, "--classes", str(tmp_path / "f" / "train_labels_classes.txt"),
@@ -396,19 +397,40 @@ def test_cli_errors_leave_no_output(parser, ckpts, tmp_path):
         (["inpaint", str(bad), "--box", "0,0,8,8"], "cannot read image"),
         (["inpaint", str(tmp_path / "nope.png"), "--box", "0,0,8,8"], "image not found"),
         (["edit", img, "--box", "0,0,8,8", "--class", "42"], "unknown class '42'"),
-        (["edit", img, "--box", "0,0,8,8", "--class", "dog"], "unknown class 'dog'"),
-        (["interpolate", "--class-a", "1", "--class-b", "x"], "unknown class 'x'"),
+        (["edit", img, "--box", "0,0,8,8", "--class", "dog"], "unknown class name 'dog'"),
+        (["interpolate", "--class-a", "1", "--class-b", "x"], "unknown class name 'x'"),
         (["inpaint", img, "--mask", str(tmp_path / "small_mask.png")], "mask .* is 10x10 but image .* is 48x40"),
         (["inpaint", img, "--mask", str(tmp_path / "black.png")], "nothing to regenerate"),
         (["inpaint", img, "--box", "1,1,3,3"], "selects no token"),
         (["inpaint", img, "--box", "0,0,40,8"], "inside the 32x32 frame"),
-        (["inpaint", img, img, img, "--mask", str(tmp_path / "black.png"), str(tmp_path / "black.png")], "2 masks for 3 images"),
+        (["inpaint", img, img, img, "--mask", str(tmp_path / "black.png"), "--mask", str(tmp_path / "black.png")],
+         "2 masks for 3 images"),
         (["enrich", img, "--ds", "3"], "ds must divide"),
     ]
     for argv, msg in cases:
         with pytest.raises(be.BigrError, match=msg):
             run(parser, ckpts, *argv, *common)
         assert not out.exists() or not any(out.iterdir())
+    # checked before any work: options the model cannot take, and --variations
+    for argv, msg in [(["inpaint", img, "--box", "0,0,8,8", "--steps", "1000"], "steps must be in"),
+                      (["interpolate", "--class-a", "1", "--class-b", "2", "--cfg", "-1", "--steps", "4"], "non-negative"),
+                      (["enrich", img, "--seed", "-5", "--steps", "4"], "seed must be"),
+                      (["inpaint", img, "--box", "0,0,8,8", "--variations", "0"], "--variations")]:
+        with pytest.raises(be.BigrError, match=msg):
+            run(parser, ckpts, *argv, "--out", str(out))
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_mask_does_not_swallow_images(parser, ckpts, tmp_path):
+    """`--mask m.png image.png`: the image stays a positional (the mask flag takes one path; repeat it per image)."""
+    img = _png(tmp_path / "photo.png")
+    m = np.zeros((40, 48), np.uint8)
+    m[:, :24] = 255
+    Image.fromarray(m).save(tmp_path / "half.png")
+    out = tmp_path / "out"
+    assert run(parser, ckpts, "inpaint", "--mask", str(tmp_path / "half.png"), img, "--iters", "3", "--steps", "4",
+               "--out", str(out)) == 0
+    assert (out / "photo_inpaint_0.png").is_file() and (out / "bigr_run.json").is_file()
 
 
 def test_cli_blend(parser, ckpts, tmp_path):

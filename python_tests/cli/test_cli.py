@@ -81,10 +81,13 @@ def test_generate_writes_pngs_and_grid(pair, tmp_path, capsys):
     out = tmp_path / "new" / "out"  # missing parents are created
     run_ok(gen_args(pair, out, "--classes", "1,2,7", "--per-class", "2"))
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["00000_1.png", "00001_1.png", "00002_2.png", "00003_2.png", "00004_7.png", "00005_7.png", "grid.png"]
-    for f in files[:-1]:
+    assert files == ["00000_1.png", "00001_1.png", "00002_2.png", "00003_2.png", "00004_7.png", "00005_7.png", "bigr_run.json", "grid.png"]
+    for f in files[:-2]:
         with Image.open(out / f) as im:
             assert im.size == (32, 32) and im.mode == "RGB"
+    import json
+    run = json.loads((out / "bigr_run.json").read_text())
+    assert run["files"] == [f for f in files if f != "bigr_run.json"] and run["command"].startswith("bigr generate")
     with Image.open(out / "grid.png") as im:  # one row per class (nrow = per-class), 2 px gaps
         assert im.size == (2 * 32 + 3 * 2, 3 * 32 + 4 * 2)
         grid = np.asarray(im)
@@ -97,8 +100,8 @@ def test_generate_independent_of_batch_size(pair, tmp_path):
     common = ["--classes", "3,4,5", "--per-class", "2", "--gumbel", "0.5", "--seed", "7"]
     run_ok(gen_args(pair, tmp_path / "a", *common, "--batch-size", "1"))
     run_ok(gen_args(pair, tmp_path / "b", *common, "--batch-size", "3"))
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert len(names) == 7 and names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert len(names) == 7 and names == sorted(p.name for p in (tmp_path / "b").glob("*.png"))
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     # and samples do differ from one another (so the equality above is not trivial)
@@ -110,9 +113,9 @@ def test_generate_reuse(pair, tmp_path, capsys):
     common = ["--classes", "1,2", "--per-class", "2", "--iters", "5", "--gumbel", "0.5"]
     for name in ("off", "exact", "fast"):
         run_ok(gen_args(pair, tmp_path / name, *common, "--reuse", name))
-    for f in sorted(p.name for p in (tmp_path / "off").iterdir()):
+    for f in sorted(p.name for p in (tmp_path / "off").glob("*.png")):
         assert (tmp_path / "off" / f).read_bytes() == (tmp_path / "exact" / f).read_bytes(), f
-    assert len(list((tmp_path / "fast").iterdir())) == 5
+    assert len(list((tmp_path / "fast").glob("*.png"))) == 5
     run_err(gen_args(pair, tmp_path / "bad", "--reuse", "quick"), capsys, "invalid choice: 'quick'")
 
 
@@ -120,7 +123,7 @@ def test_generate_default_classes_and_nrow(pair, tmp_path):
     out = tmp_path / "o"
     run_ok(gen_args(pair, out, "--nrow", "3"))
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["00000_0.png", "00001_3.png", "00002_6.png", "00003_9.png", "grid.png"]
+    assert names == ["00000_0.png", "00001_3.png", "00002_6.png", "00003_9.png", "bigr_run.json", "grid.png"]
     with Image.open(out / "grid.png") as im:
         assert im.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)
 
@@ -128,14 +131,14 @@ def test_generate_default_classes_and_nrow(pair, tmp_path):
 def test_generate_by_imagenet_name(pair, tmp_path):
     out = tmp_path / "o"
     run_ok(["generate", "--ckpt", str(pair[2]), "--bae", str(pair[1]), "--out", str(out), "--classes", "Tabby,207", *FAST])
-    assert sorted(p.name for p in out.iterdir()) == ["00000_281.png", "00001_207.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000_281.png", "00001_207.png", "bigr_run.json", "grid.png"]
 
 
 def test_generate_uses_load_default_without_ckpt(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(be, "load_default", lambda device="cpu", dtype=torch.float32: (be.load_bigr(pair[0]), be.load_bae(pair[1])))
     out = tmp_path / "o"
     run_ok(["generate", "--out", str(out), "--classes", "1", *FAST])
-    assert sorted(p.name for p in out.iterdir()) == ["00000_1.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000_1.png", "bigr_run.json", "grid.png"]
 
 
 def test_failure_during_generation_writes_nothing(pair, out_dir, capsys, monkeypatch):
