@@ -60,11 +60,16 @@ def _absorb(h: torch.Tensor, v) -> torch.Tensor:
     return mix32(h ^ mix32((v + 0x9E3779B9) & MASK32))
 
 
-def random_bits_at(seed: int, sample_index: torch.Tensor, stream_id: int, counters: torch.Tensor) -> torch.Tensor:
-    """32-bit hashes (int64 in [0, 2^32)) keyed by (seed, sample_index[b], stream_id, counters[b, ...])."""
-    h = torch.full((1,), seed & MASK32, dtype=torch.int64, device=sample_index.device)
-    h = _absorb(mix32(h), (seed >> 32) & MASK32)
+def random_bits_at(seed, sample_index: torch.Tensor, stream_id: int, counters: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes (int64 in [0, 2^32)) keyed by (seed, sample_index[b], stream_id, counters[b, ...]). seed: an int,
+    or a (B,) int64 tensor of per-row seeds (row b then gets exactly what the int seed[b] gives it)."""
     lead = (-1,) + (1,) * (counters.dim() - 1)
+    if isinstance(seed, torch.Tensor):
+        s = seed.to(device=sample_index.device, dtype=torch.int64).view(lead)
+        h = _absorb(mix32(s & MASK32), (s >> 32) & MASK32)
+    else:
+        h = torch.full((1,), seed & MASK32, dtype=torch.int64, device=sample_index.device)
+        h = _absorb(mix32(h), (seed >> 32) & MASK32)
     h = _absorb(h, sample_index.to(torch.int64).view(lead) & MASK32)
     h = _absorb(h, stream_id)
     return _absorb(h, counters.to(torch.int64))

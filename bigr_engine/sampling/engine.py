@@ -15,6 +15,7 @@ Same samples as `sampler.generate` (every draw is keyed by seed, sample index, t
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -227,7 +228,7 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 @torch.no_grad()
 def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: torch.Tensor | None = None,
              progress: bool = False, ops: bool | None = None, dtype=None, cuda_graph: bool | None = None,
-             kernels: Kernels | None = None, reuse=None) -> torch.Tensor:
+             kernels: Kernels | None = None, reuse=None, seeds: torch.Tensor | None = None) -> torch.Tensor:
     """Drop-in for `reference.generate` (full generation from all-masked, entropy order): -> codes (B,N,K) uint8.
 
     ops: use the compiled kernels (default: those that run and passed their self-test on the model's device), or
@@ -235,7 +236,9 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
     bfloat16 on CUDA, float32 elsewhere). cuda_graph: capture the call as a CUDA graph per batch bucket (default on
     CUDA unless a progress bar is asked for). reuse: state reuse across iterations (sampling.reuse): "exact" (the
     default; same codes), "off", "fast" (approximate: changes samples) or a dict of parameters. Reads the model,
-    never changes it: concurrent calls are safe."""
+    never changes it: concurrent calls are safe. seeds: (B,) per-row seeds in place of opts.seed (a service merging
+    requests of different seeds): row b gets what a call with seed=seeds[b] gives it. The compiled sampling ops take
+    one seed per call, so rows of different seeds run the plain loop, without a CUDA graph."""
     if opts.order != "entropy":
         raise BigrError(f"the engine samples in entropy order only; use backend='reference' for order={opts.order!r}")
     dev = model.device
@@ -246,6 +249,19 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
         raise BigrError("cuda_graph=True needs the model on a CUDA device")
     if kernels is None:
         kernels = choose_kernels(model, dt, ops)
+    if seeds is not None:
+        seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
+        if seeds.shape[0] != labels.shape[0]:
+            raise BigrError(f"seeds needs one entry per label: {seeds.shape[0]} for {labels.shape[0]} labels")
+        if bool((seeds < 0).any()):
+            raise BigrError(f"seeds must be in 0..2^63-1, got {int(seeds.min())}")
+        if bool((seeds == seeds[0]).all()):
+            opts = dataclasses.replace(opts, seed=int(seeds[0]))
+        else:   # the plain loop's draws (ops.rng) take a seed per row; opts.seed holds the (B,) tensor from here on
+            kernels = kernels.without(("posterior_step", "unmask_topk", "rng"),
+                                      "rows of different seeds (the compiled op takes one seed per call)")
+            opts = dataclasses.replace(opts, seed=seeds.to(model.device))
+            cuda_graph = False
     plan = _make_plan(model, opts, kernels, dt, state_reuse.resolve_reuse(reuse))
     labels, sample_index, null = prepare_batch(model, labels, sample_index)
     if cuda_graph:

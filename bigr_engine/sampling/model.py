@@ -33,7 +33,8 @@ class BiGR(BiGRNetwork):
                  gumbel: float | None = None, cfg_schedule: str | None = None, gumbel_schedule: str | None = None,
                  temperature: float | None = None, deterministic: bool | None = None, greedy: bool | None = None,
                  seed: int | None = None, order: str | None = None, sample_index=None, progress: bool = False,
-                 backend: str = "engine", dtype=None, cuda_graph: bool | None = None, reuse=None) -> torch.Tensor:
+                 backend: str = "engine", dtype=None, cuda_graph: bool | None = None, reuse=None,
+                 seeds=None) -> torch.Tensor:
         """Class-conditional generation -> codes (B,N,K) uint8. Options left out (None) take the model's
         `default_sampling`. Sample i is keyed by (seed, sample_index[i]) (default: its position in the batch), so it
         does not depend on the rest of the batch. backend="engine" (default) is the fast path; "reference" runs the
@@ -43,14 +44,16 @@ class BiGR(BiGRNetwork):
         float32 on CPU) is the matmul precision under autocast, probabilities stay float32; cuda_graph (default on
         CUDA) replays the whole call as a CUDA graph captured once per batch-size bucket (powers of two); reuse
         (sampling.reuse) is the state kept across iterations: "exact" (default; the same codes as "off"), or "fast"
-        and explicit parameters (a dict), which are faster and change the samples."""
+        and explicit parameters (a dict), which are faster and change the samples; seeds (B,) gives each row its own
+        seed (row b is then what seed=seeds[b] gives it; the plain loop runs when they differ)."""
         if backend not in BACKENDS:
             raise BigrError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         opts = self.sampling_options(cfg=cfg, iters=iters, steps=steps, gumbel=gumbel, cfg_schedule=cfg_schedule,
                                      gumbel_schedule=gumbel_schedule, temperature=temperature,
                                      deterministic=deterministic, greedy=greedy, seed=seed, order=order)
+        extra = {} if seeds is None else {"seeds": seeds}
         return self.generate_with(labels, opts, sample_index, progress, backend, dtype=dtype, cuda_graph=cuda_graph,
-                                  reuse=reuse)
+                                  reuse=reuse, **extra)
 
     def generate_with(self, labels, opts: SamplingOptions, sample_index=None, progress: bool = False,
                       backend: str = "engine", **engine_options) -> torch.Tensor:
@@ -63,6 +66,8 @@ class BiGR(BiGRNetwork):
                                 f"{labels.shape[0]} labels")
         if backend == "engine" and opts.order == "entropy":
             return engine.generate(self, labels, opts, sample_index, progress, **engine_options)
+        if engine_options.get("seeds") is not None:
+            raise BigrError("seeds= (per-row seeds) is an engine option; use backend='engine' and order='entropy'")
         if not resolve_reuse(engine_options.get("reuse")).exact:
             raise BigrError(f"reuse={engine_options['reuse']!r} changes samples and only the engine implements it "
                             f"(backend='engine', order='entropy'); use reuse='exact' or 'off' here")
