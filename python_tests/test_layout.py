@@ -15,7 +15,8 @@ FLOORS = {
     "io": 4,           # checkpoints, the atomic writer, images, the bundled default
     "": 4.5,           # the package root: the public API (re-exports of the floors below)
     "apps": 5, "train": 5,
-    "export": 5,       # ONNX export, the host loop over exported graphs (ONNX Runtime), TensorRT engines
+    "export": 5,
+    "serve": 5.2,      # the HTTP service (it runs the applications' inpainting)       # ONNX export, the host loop over exported graphs (ONNX Runtime), TensorRT engines
     "info": 5.5,       # `python -m bigr_engine.info`: the build report and self-test table (`bigr info` calls it)
     "cli": 6, "__main__": 7,
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from bigr_engine.cli import apps, export, generate, sample_many, train
+from bigr_engine.cli import apps, export, generate, sample_many, serve, train
 from bigr_engine.cli.common import Parser, one_line
 from bigr_engine.errors import BigrError
 
@@ -30,7 +30,7 @@ def _leaf_parsers(parser):
 def build_parser() -> Parser:
     ap = Parser(prog="bigr", description="bigr-engine: BiGR image generation on binary latent codes")
     sub = ap.add_subparsers(dest="command", required=True)
-    for group in (generate, train, apps, sample_many, export):
+    for group in (generate, train, apps, sample_many, export, serve):
         group.register(sub)
     for leaf in _leaf_parsers(ap):
         leaf.add_argument("--threads", type=_threads, help=THREADS_HELP)

@@ -1,0 +1,47 @@
+"""`bigr serve`: the HTTP service (bigr_engine.serve) on uvicorn."""
+from __future__ import annotations
+
+from bigr_engine.cli.common import load_models, pick_device, positive_int
+from bigr_engine.errors import BigrError
+
+
+def cmd_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise BigrError(f"bigr serve needs the serve extra ({e.name} is not installed): pip install 'bigr-engine[serve]'") from None
+    from bigr_engine.serve.app import Service, create_app
+    if args.max_wait_ms < 0 or args.timeout_s <= 0:
+        raise BigrError(f"--max-wait-ms must be >= 0 and --timeout-s > 0, got {args.max_wait_ms} and {args.timeout_s}")
+    model, bae = load_models(args, pick_device(args.device))
+    service = Service(model, bae, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                      timeout_s=args.timeout_s, dtype=None if args.dtype == "auto" else args.dtype)
+    print(f"bigr serve: http://{args.host}:{args.port}/ (max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms, "
+          f"queue {args.max_queue} images, timeout {args.timeout_s:g} s)", flush=True)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.timeout_s)
+    return 0
+
+
+def register(sub) -> None:
+    from bigr_engine.cli.common import DTYPE_CHOICES
+    p = sub.add_parser("serve", help="HTTP generation service with dynamic batching, metrics and a web page",
+                       description="Serve POST /v1/generate and /v1/inpaint (JSON), GET /healthz, /readyz, /v1/info, "
+                                   "/metrics (Prometheus) and a page at /. Requests with the same sampling options merge "
+                                   "into batches of up to --max-batch images, waiting at most --max-wait-ms; a full "
+                                   "queue answers 429. Without --ckpt/--bae the bundled model is served.")
+    p.add_argument("--ckpt", metavar="MODEL", help="BiGR model (released .pt or .safetensors); default: the bundled model")
+    p.add_argument("--bae", metavar="TOKENIZER", help="its B-AE tokenizer; default: the bundled one")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="matmul precision (default: bf16 on CUDA)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="images per model call (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="longest a request waits for company (default 10)")
+    p.add_argument("--max-queue", type=positive_int, default=256, help="images allowed to wait; more answer 429 "
+                                                                        "(default 256)")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="a request's deadline: past it, 504 and its work "
+                                                                  "dropped (default 60)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
