@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.bigr-deps"
-REQS="torch==2.14.1 numpy safetensors pillow tqdm scikit-build-core pybind11 cmake ninja pytest pytest-benchmark onnx==1.23.0 onnxscript==0.7.2 onnxruntime==1.31.1 fastapi==0.165.0 uvicorn==0.54.0 httpx==0.28.1"
+REQS="torch==2.14.1 numpy safetensors pillow tqdm scikit-build-core pybind11 cmake ninja pytest pytest-benchmark onnx==1.23.0 onnxscript==0.7.2 onnxruntime==1.31.1 fastapi==0.165.0 uvicorn==0.54.0 httpx==0.28.1 playwright==1.65.2"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$REQS" ]; then
   echo "[bigr] installing dependencies into $VENV (first run: a few minutes)" >&2
   # An editable install of a pyproject.toml project needs pip >= 21.3; a venv's own pip is newer from Python 3.11 on.

@@ -4,5 +4,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
+bash tools/browser.sh
 python -m bigr_engine.info
 python -m pytest python_tests -q "$@"

@@ -47,6 +47,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closing = False
         self._queued_images = 0
+        self._free_since = 0.0   # when the worker finished its last batch
         self._worker = threading.Thread(target=self._loop, name="bigr-batcher", daemon=True)
         self._worker.start()
 
@@ -80,8 +81,10 @@ class Batcher:
             self.metrics.set("queue_images", self._queued_images)
 
     def _take(self) -> list[Job] | None:
-        """The next batch: the oldest job and the later ones of its key, up to max_batch images; waits up to
-        max_wait_s after the oldest job's arrival for the batch to fill. None when closing and the queue is empty."""
+        """The next batch: the oldest job and the later ones of its key, up to max_batch images. A batch that is not
+        full waits up to max_wait_s for company, counted from the later of the oldest job's arrival and the end of the
+        previous batch: jobs that queued while the worker was busy still give the clients just answered (who send
+        their next request within a few milliseconds) a chance to join. None when closing and the queue is empty."""
         with self._cond:
             while not self._queue:
                 if self._closing:
@@ -92,7 +95,7 @@ class Batcher:
                 same = [j for j in self._queue if j.key == first.key] if self.batchable(first.key) else [first]
                 if sum(j.size for j in same) >= self.max_batch or self._closing or not self.batchable(first.key):
                     break
-                left = first.enqueued + self.max_wait_s - time.monotonic()
+                left = max(first.enqueued, self._free_since) + self.max_wait_s - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -142,6 +145,7 @@ class Batcher:
                     self.metrics.observe("compute_seconds", time.monotonic() - t)
             for j, r in zip(live, results):
                 j.future.set_result(r)
+            self._free_since = time.monotonic()
 
     def _count(self, name, **labels):
         if self.metrics is not None:
