@@ -7,18 +7,20 @@ TORCH_LIBRARY(bigr, m) {
   // Words (...) -> codes (..., K) uint8; inverse of pack_bits.
   m.def("unpack_bits(Tensor words, int K) -> Tensor");
   // rng.py's counter-based hash: (B,) sample indices, (B, ...) counters -> 32-bit values as int64 in [0, 2^32).
-  m.def("rng_bits(int seed, Tensor sample_index, int stream, Tensor counters) -> Tensor");
+  m.def("rng_bits(int seed, Tensor sample_index, int stream, Tensor counters, Tensor? seeds=None) -> Tensor");
+  // seeds (B,) int64, optional: per-row seeds in place of `seed` (row b gets exactly what seed=seeds[b] gives it);
+  // posterior_step and unmask_topk take them too.
   // The same keys as rng_bits -> float32 uniforms ((bits >> 8) + 0.5) * 2^-24 (rng.uniform_at).
-  m.def("rng_uniform(int seed, Tensor sample_index, int stream, Tensor counters) -> Tensor");
+  m.def("rng_uniform(int seed, Tensor sample_index, int stream, Tensor counters, Tensor? seeds=None) -> Tensor");
   // One transcoder step for (B, n) tokens of K bits, fused: CFG, temperature, flip -> p0, posterior, Bernoulli draw;
   // writes x_(t') into out, or p0 (float32) when t_next <= 0 (the last step).
   m.def("posterior_step(Tensor logits_c, Tensor? logits_u, Tensor x_t, Tensor(a!) out, float cfg, float temperature, "
         "int t, int t_next, Tensor k_final, Tensor b_final, Tensor beta, int seed, Tensor sample_index, int stream, "
-        "Tensor token_index, bool greedy) -> ()");
+        "Tensor token_index, bool greedy, Tensor? seeds=None) -> ()");
   // Per row, unmask the k[b] most confident (+ Gumbel noise) still-masked candidates index[b] in place: their bits
   // (Bernoulli(p0) or p0 > 0.5) go into codes (B, N, K) and their mask (B, N) entries are cleared.
   m.def("unmask_topk(Tensor p0, Tensor index, Tensor k, Tensor(a!) codes, Tensor(b!) mask, float gumbel_temp, "
-        "int seed, Tensor sample_index, int gumbel_stream, int bits_stream, bool deterministic) -> ()");
+        "int seed, Tensor sample_index, int gumbel_stream, int bits_stream, bool deterministic, Tensor? seeds=None) -> ()");
   // Bidirectional softmax attention with 2D RoPE: qkv (B, S, 3, H, d) float32/bfloat16/float16 (float64 on CPU),
   // cos/sin (S, d/2) float32 from rope_2d_table (row 0 zero: the condition-token quirk) -> out (B, S, H*d) in qkv's
   // dtype and the log-sum-exp of the scaled logits lse (B, H, S) float32 (float64 for float64), for the backward.

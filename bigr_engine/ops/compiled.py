@@ -23,40 +23,53 @@ def unpack_bits(words: torch.Tensor, K: int) -> torch.Tensor:
     return torch.ops.bigr.unpack_bits(words, K)
 
 
-def rng_bits(seed: int, sample_index: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.Tensor:
-    """rng.random_bits_at: (B,) sample indices, (B, ...) counters -> int64 hashes in [0, 2^32)."""
-    return torch.ops.bigr.rng_bits(seed, sample_index, stream, counters)
+def _seed_args(seed) -> tuple[int, torch.Tensor | None]:
+    """An int seed, or a (B,) tensor of per-row seeds (as rng.random_bits_at takes them) -> the ops' (seed, seeds)."""
+    if isinstance(seed, torch.Tensor):
+        return 0, seed.to(torch.int64)
+    return seed, None
 
 
-def rng_uniform(seed: int, sample_index: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.Tensor:
+def rng_bits(seed, sample_index: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.Tensor:
+    """rng.random_bits_at: (B,) sample indices, (B, ...) counters -> int64 hashes in [0, 2^32). seed: an int or (B,)
+    per-row seeds."""
+    seed, seeds = _seed_args(seed)
+    return torch.ops.bigr.rng_bits(seed, sample_index, stream, counters, seeds)
+
+
+def rng_uniform(seed, sample_index: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.Tensor:
     """rng.uniform_at: the same keys -> float32 uniforms."""
-    return torch.ops.bigr.rng_uniform(seed, sample_index, stream, counters)
+    seed, seeds = _seed_args(seed)
+    return torch.ops.bigr.rng_uniform(seed, sample_index, stream, counters, seeds)
 
 
 @_register_fake("bigr::rng_bits")
-def _(seed, sample_index, stream, counters):
+def _(seed, sample_index, stream, counters, seeds=None):
     return counters.new_empty(counters.shape, dtype=torch.int64)
 
 
 @_register_fake("bigr::rng_uniform")
-def _(seed, sample_index, stream, counters):
+def _(seed, sample_index, stream, counters, seeds=None):
     return counters.new_empty(counters.shape, dtype=torch.float32)
 
 
 # The engine-loop ops below write into caller-provided buffers and return nothing: no fake kernels needed.
 def posterior_step(logits_c, logits_u, x_t, out, cfg: float, temperature: float, t: int, t_next: int, k_final, b_final,
-                   beta, seed: int, sample_index, stream: int, token_index, greedy: bool) -> None:
-    """One fused transcoder step into `out`: x_(t'), or p0 (float32) when t_next <= 0.
-    Same results as ops.reference.posterior_step_ref."""
+                   beta, seed, sample_index, stream: int, token_index, greedy: bool) -> None:
+    """One fused transcoder step into `out`: x_(t'), or p0 (float32) when t_next <= 0. seed: an int or (B,) per-row
+    seeds. Same results as ops.reference.posterior_step_ref."""
+    seed, seeds = _seed_args(seed)
     torch.ops.bigr.posterior_step(logits_c, logits_u, x_t, out, cfg, temperature, t, t_next, k_final, b_final, beta,
-                                  seed, sample_index, stream, token_index, greedy)
+                                  seed, sample_index, stream, token_index, greedy, seeds)
 
 
-def unmask_topk(p0, index, k, codes, mask, gumbel_temp: float, seed: int, sample_index, gumbel_stream: int,
+def unmask_topk(p0, index, k, codes, mask, gumbel_temp: float, seed, sample_index, gumbel_stream: int,
                 bits_stream: int, deterministic: bool) -> None:
-    """Unmask the k[b] most confident masked candidates per row in place; see ops.reference.unmask_topk_ref."""
+    """Unmask the k[b] most confident masked candidates per row in place; see ops.reference.unmask_topk_ref.
+    seed: an int or (B,) per-row seeds."""
+    seed, seeds = _seed_args(seed)
     torch.ops.bigr.unmask_topk(p0, index, k, codes, mask, gumbel_temp, seed, sample_index, gumbel_stream, bits_stream,
-                               deterministic)
+                               deterministic, seeds)
 
 
 def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,12 +48,6 @@ class Kernels:
     def why_not(self, name: str) -> str | None:
         return dict(self.rejected).get(name)
 
-    def without(self, names, why: str) -> "Kernels":
-        """The same choice with `names` not used, for the reason `why`."""
-        drop = frozenset(names) & self.used
-        return Kernels(self.device, self.dtype, self.head_dim, self.used - drop,
-                       self.rejected + tuple((n, why) for n in sorted(drop)))
-
     def refused(self, names) -> list[str]:
         """"name (why)" for each of `names` not used: for messages that say what fell back and why."""
         return [f"{name} ({self.why_not(name)})" for name in names if not self.uses(name)]

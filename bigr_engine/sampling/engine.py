@@ -238,7 +238,7 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
     default; same codes), "off", "fast" (approximate: changes samples) or a dict of parameters. Reads the model,
     never changes it: concurrent calls are safe. seeds: (B,) per-row seeds in place of opts.seed (a service merging
     requests of different seeds): row b gets what a call with seed=seeds[b] gives it. The compiled sampling ops take
-    one seed per call, so rows of different seeds run the plain loop, without a CUDA graph."""
+    rows of different seeds run without a CUDA graph (its key holds the seed)."""
     if opts.order != "entropy":
         raise BigrError(f"the engine samples in entropy order only; use backend='reference' for order={opts.order!r}")
     dev = model.device
@@ -257,11 +257,9 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
             raise BigrError(f"seeds must be in 0..2^63-1, got {int(seeds.min())}")
         if bool((seeds == seeds[0]).all()):
             opts = dataclasses.replace(opts, seed=int(seeds[0]))
-        else:   # the plain loop's draws (ops.rng) take a seed per row; opts.seed holds the (B,) tensor from here on
-            kernels = kernels.without(("posterior_step", "unmask_topk", "rng"),
-                                      "rows of different seeds (the compiled op takes one seed per call)")
+        else:   # every draw (ops.rng, the compiled ops) takes per-row seeds; opts.seed holds the (B,) tensor from here
             opts = dataclasses.replace(opts, seed=seeds.to(model.device))
-            cuda_graph = False
+            cuda_graph = False   # the CUDA-graph key holds the seed (sampling.graphs)
     plan = _make_plan(model, opts, kernels, dt, state_reuse.resolve_reuse(reuse))
     labels, sample_index, null = prepare_batch(model, labels, sample_index)
     if cuda_graph:

@@ -35,6 +35,12 @@ BIGR_HD uint32_t seed_key(int64_t seed) {
   return absorb(mix32(low32(seed)), static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32));
 }
 
+// Row b's seed key: its own seed's when per-row seeds are given (a service batching requests of different seeds),
+// else the call's.
+BIGR_HD uint32_t row_seed_key(uint32_t seed_k, const int64_t* seeds, int64_t b) {
+  return seeds ? seed_key(seeds[b]) : seed_k;
+}
+
 // The key of one sample's stream: seed_key, then the sample index, then the stream id.
 BIGR_HD uint32_t stream_key(uint32_t seed_k, int64_t sample_index, int64_t stream) {
   return absorb(absorb(seed_k, low32(sample_index)), low32(stream));

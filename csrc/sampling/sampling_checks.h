@@ -25,6 +25,18 @@ inline void check_rng_args(const char* op, const at::Tensor& sample_index, const
   check_same_device(op, sample_index, counters);
 }
 
+// The optional per-row seeds (B,) int64 -> a contiguous int64 copy in `hold` and its pointer, or nullptr.
+inline const int64_t* row_seeds(const char* op, const std::optional<at::Tensor>& seeds, const at::Tensor& sample_index,
+                                at::Tensor& hold) {
+  if (!seeds.has_value()) return nullptr;
+  check_index_tensor(op, "seeds", *seeds, 1);
+  BIGR_CHECK(seeds->size(0) == sample_index.size(0), op, ": seeds (B,) need one seed per sample index, got ",
+             seeds->size(0), " and ", sample_index.size(0));
+  check_same_device(op, sample_index, *seeds);
+  hold = seeds->to(at::kLong).contiguous();
+  return hold.data_ptr<int64_t>();
+}
+
 struct PosteriorArgs {
   int64_t M, K, n;  // M = B * n token rows of K bits; n tokens per sample
 };

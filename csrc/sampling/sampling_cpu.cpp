@@ -14,8 +14,11 @@ namespace bigr {
 
 template <typename out_t, typename F>
 static at::Tensor rng_cpu(const char* op, int64_t seed, const at::Tensor& sample_index, int64_t stream,
-                          const at::Tensor& counters, at::ScalarType dtype, F&& finish) {
+                          const at::Tensor& counters, const std::optional<at::Tensor>& seeds, at::ScalarType dtype,
+                          F&& finish) {
   check_rng_args(op, sample_index, counters);
+  at::Tensor seeds_hold;
+  const int64_t* rs = row_seeds(op, seeds, sample_index, seeds_hold);
   const at::Tensor s = sample_index.to(at::kLong).contiguous();
   const at::Tensor c = counters.to(at::kLong).contiguous();
   at::Tensor out = at::empty(counters.sizes(), counters.options().dtype(dtype));
@@ -28,27 +31,33 @@ static at::Tensor rng_cpu(const char* op, int64_t seed, const at::Tensor& sample
   out_t* dst = out.data_ptr<out_t>();
   at::parallel_for(0, total, 4096, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i)
-      dst[i] = finish(rng::bits_at(rng::stream_key(sk, sp[i / per_row], stream), cp[i]));
+      dst[i] = finish(rng::bits_at(rng::stream_key(rng::row_seed_key(sk, rs, i / per_row), sp[i / per_row], stream),
+                                   cp[i]));
   });
   return out;
 }
 
-at::Tensor rng_bits_cpu(int64_t seed, const at::Tensor& sample_index, int64_t stream, const at::Tensor& counters) {
-  return rng_cpu<int64_t>("rng_bits", seed, sample_index, stream, counters, at::kLong,
+at::Tensor rng_bits_cpu(int64_t seed, const at::Tensor& sample_index, int64_t stream, const at::Tensor& counters,
+                        const std::optional<at::Tensor>& seeds) {
+  return rng_cpu<int64_t>("rng_bits", seed, sample_index, stream, counters, seeds, at::kLong,
                           [](uint32_t b) { return int64_t(b); });
 }
 
-at::Tensor rng_uniform_cpu(int64_t seed, const at::Tensor& sample_index, int64_t stream, const at::Tensor& counters) {
-  return rng_cpu<float>("rng_uniform", seed, sample_index, stream, counters, at::kFloat,
+at::Tensor rng_uniform_cpu(int64_t seed, const at::Tensor& sample_index, int64_t stream, const at::Tensor& counters,
+                           const std::optional<at::Tensor>& seeds) {
+  return rng_cpu<float>("rng_uniform", seed, sample_index, stream, counters, seeds, at::kFloat,
                         [](uint32_t b) { return rng::to_uniform(b); });
 }
 
 void posterior_step_cpu(const at::Tensor& logits_c, const std::optional<at::Tensor>& logits_u, const at::Tensor& x_t,
                         at::Tensor& out, double cfg, double temperature, int64_t t, int64_t t_next,
                         const at::Tensor& k_final, const at::Tensor& b_final, const at::Tensor& beta, int64_t seed,
-                        const at::Tensor& sample_index, int64_t stream, const at::Tensor& token_index, bool greedy) {
+                        const at::Tensor& sample_index, int64_t stream, const at::Tensor& token_index, bool greedy,
+                        const std::optional<at::Tensor>& seeds) {
   const PosteriorArgs a = check_posterior_args(logits_c, logits_u, x_t, out, t, t_next, k_final, b_final, beta,
                                                sample_index, token_index);
+  at::Tensor seeds_hold;
+  const int64_t* rs = row_seeds("posterior_step", seeds, sample_index, seeds_hold);
   const at::Tensor lc = logits_c.contiguous();
   const at::Tensor lu = logits_u.has_value() ? logits_u->contiguous() : at::Tensor();
   const at::Tensor x = x_t.contiguous();
@@ -92,7 +101,7 @@ void posterior_step_cpu(const at::Tensor& logits_c, const std::optional<at::Tens
         if (greedy) {
           bit = post > 0.5f;
         } else {
-          const uint32_t key = rng::stream_key(sk, sp[m / n], stream);
+          const uint32_t key = rng::stream_key(rng::row_seed_key(sk, rs, m / n), sp[m / n], stream);
           bit = rng::to_uniform(rng::bits_at(key, tp[m] * K + (i - m * K))) < post;
         }
         if (out_u8) ob[i] = bit;
@@ -104,8 +113,11 @@ void posterior_step_cpu(const at::Tensor& logits_c, const std::optional<at::Tens
 
 void unmask_topk_cpu(const at::Tensor& p0, const at::Tensor& index, const at::Tensor& k, at::Tensor& codes,
                      at::Tensor& mask, double gumbel_temp, int64_t seed, const at::Tensor& sample_index,
-                     int64_t gumbel_stream, int64_t bits_stream, bool deterministic) {
+                     int64_t gumbel_stream, int64_t bits_stream, bool deterministic,
+                     const std::optional<at::Tensor>& seeds) {
   const UnmaskArgs a = check_unmask_args(p0, index, k, codes, mask, sample_index);
+  at::Tensor seeds_hold;
+  const int64_t* rs = row_seeds("unmask_topk", seeds, sample_index, seeds_hold);
   const int64_t B = a.B, n = a.n, N = a.N, K = a.K;
   if (B == 0 || n == 0) return;
   const at::Tensor pc = p0.contiguous();
@@ -129,8 +141,9 @@ void unmask_topk_cpu(const at::Tensor& p0, const at::Tensor& index, const at::Te
       for (int64_t b = lo; b < hi; ++b) {
         const int64_t* pos = ip + b * n;
         const float* prow = pp + b * n * K;
-        const uint32_t gkey = rng::stream_key(sk, sp[b], gumbel_stream);
-        const uint32_t bkey = rng::stream_key(sk, sp[b], bits_stream);
+        const uint32_t rk = rng::row_seed_key(sk, rs, b);
+        const uint32_t gkey = rng::stream_key(rk, sp[b], gumbel_stream);
+        const uint32_t bkey = rng::stream_key(rk, sp[b], bits_stream);
         for (int64_t i = 0; i < n; ++i) {
           float c = sampling::confidence(prow + i * K, K);
           if (noise) c = fp::add(c, fp::mul(gt, rng::to_gumbel(rng::to_uniform(rng::bits_at(gkey, pos[i])))));

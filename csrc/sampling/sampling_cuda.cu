@@ -17,20 +17,26 @@ static unsigned sampling_blocks(int64_t n, int threads) {
 }
 
 template <bool uniform>
-__global__ void rng_kernel(uint32_t seed_k, const int64_t* __restrict__ sample_index, int64_t stream,
+__global__ void rng_kernel(uint32_t seed_k, const int64_t* __restrict__ seeds,
+                           const int64_t* __restrict__ sample_index, int64_t stream,
                            const int64_t* __restrict__ counters, void* __restrict__ out, int64_t total,
                            int64_t per_row) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint32_t bits = rng::bits_at(rng::stream_key(seed_k, sample_index[i / per_row], stream), counters[i]);
+    const int64_t row = i / per_row;
+    const uint32_t bits = rng::bits_at(rng::stream_key(rng::row_seed_key(seed_k, seeds, row), sample_index[row], stream),
+                                       counters[i]);
     if (uniform) static_cast<float*>(out)[i] = rng::to_uniform(bits);
     else static_cast<int64_t*>(out)[i] = bits;
   }
 }
 
 template <bool uniform>
-static at::Tensor rng_cuda(int64_t seed, const at::Tensor& sample_index, int64_t stream, const at::Tensor& counters) {
+static at::Tensor rng_cuda(int64_t seed, const at::Tensor& sample_index, int64_t stream, const at::Tensor& counters,
+                           const std::optional<at::Tensor>& seeds) {
   check_rng_args(uniform ? "rng_uniform" : "rng_bits", sample_index, counters);
+  at::Tensor seeds_hold;
+  const int64_t* rs = row_seeds(uniform ? "rng_uniform" : "rng_bits", seeds, sample_index, seeds_hold);
   const c10::cuda::CUDAGuard guard(counters.device());
   const at::Tensor s = sample_index.to(at::kLong).contiguous();
   const at::Tensor c = counters.to(at::kLong).contiguous();
@@ -38,18 +44,20 @@ static at::Tensor rng_cuda(int64_t seed, const at::Tensor& sample_index, int64_t
   const int64_t total = c.numel();
   if (total == 0) return out;
   rng_kernel<uniform><<<sampling_blocks(total, 256), 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-      rng::seed_key(seed), s.data_ptr<int64_t>(), stream, c.data_ptr<int64_t>(), out.data_ptr(), total,
+      rng::seed_key(seed), rs, s.data_ptr<int64_t>(), stream, c.data_ptr<int64_t>(), out.data_ptr(), total,
       total / counters.size(0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-at::Tensor rng_bits_cuda(int64_t seed, const at::Tensor& sample_index, int64_t stream, const at::Tensor& counters) {
-  return rng_cuda<false>(seed, sample_index, stream, counters);
+at::Tensor rng_bits_cuda(int64_t seed, const at::Tensor& sample_index, int64_t stream, const at::Tensor& counters,
+                         const std::optional<at::Tensor>& seeds) {
+  return rng_cuda<false>(seed, sample_index, stream, counters, seeds);
 }
 
-at::Tensor rng_uniform_cuda(int64_t seed, const at::Tensor& sample_index, int64_t stream, const at::Tensor& counters) {
-  return rng_cuda<true>(seed, sample_index, stream, counters);
+at::Tensor rng_uniform_cuda(int64_t seed, const at::Tensor& sample_index, int64_t stream, const at::Tensor& counters,
+                            const std::optional<at::Tensor>& seeds) {
+  return rng_cuda<true>(seed, sample_index, stream, counters, seeds);
 }
 
 struct PosteriorParams {
@@ -57,7 +65,7 @@ struct PosteriorParams {
   int64_t t, t_next;
   const float *k_final, *b_final, *beta;
   uint32_t seed_k;
-  const int64_t *sample_index, *token_index;
+  const int64_t *seeds, *sample_index, *token_index;  // seeds: per-row seeds or nullptr
   int64_t stream, total, K, n;
   bool last, greedy, x_u8, out_u8;
 };
@@ -91,7 +99,8 @@ __global__ void posterior_kernel(const scalar_t* __restrict__ lc, const scalar_t
     if (a.greedy) {
       bit = post > 0.5f;
     } else {
-      const uint32_t key = rng::stream_key(a.seed_k, a.sample_index[m / a.n], a.stream);
+      const uint32_t key = rng::stream_key(rng::row_seed_key(a.seed_k, a.seeds, m / a.n), a.sample_index[m / a.n],
+                                           a.stream);
       bit = rng::to_uniform(rng::bits_at(key, a.token_index[m] * a.K + (i - m * a.K))) < post;
     }
     if (a.out_u8) static_cast<uint8_t*>(out)[i] = bit;
@@ -102,9 +111,12 @@ __global__ void posterior_kernel(const scalar_t* __restrict__ lc, const scalar_t
 void posterior_step_cuda(const at::Tensor& logits_c, const std::optional<at::Tensor>& logits_u, const at::Tensor& x_t,
                          at::Tensor& out, double cfg, double temperature, int64_t t, int64_t t_next,
                          const at::Tensor& k_final, const at::Tensor& b_final, const at::Tensor& beta, int64_t seed,
-                         const at::Tensor& sample_index, int64_t stream, const at::Tensor& token_index, bool greedy) {
+                         const at::Tensor& sample_index, int64_t stream, const at::Tensor& token_index, bool greedy,
+                         const std::optional<at::Tensor>& seeds) {
   const PosteriorArgs args = check_posterior_args(logits_c, logits_u, x_t, out, t, t_next, k_final, b_final, beta,
                                                   sample_index, token_index);
+  at::Tensor seeds_hold;
+  const int64_t* rs = row_seeds("posterior_step", seeds, sample_index, seeds_hold);
   const c10::cuda::CUDAGuard guard(logits_c.device());
   const at::Tensor lc = logits_c.contiguous();
   const at::Tensor lu = logits_u.has_value() ? logits_u->contiguous() : at::Tensor();
@@ -121,6 +133,7 @@ void posterior_step_cuda(const at::Tensor& logits_c, const std::optional<at::Ten
   a.b_final = bf.data_ptr<float>();
   a.beta = be.data_ptr<float>();
   a.seed_k = rng::seed_key(seed);
+  a.seeds = rs;
   a.sample_index = si.data_ptr<int64_t>();
   a.token_index = ti.data_ptr<int64_t>();
   a.stream = stream;
@@ -144,7 +157,7 @@ constexpr int64_t kMaxCandidates = 4096;
 
 struct UnmaskParams {
   const float* p0;
-  const int64_t *index, *k, *sample_index;
+  const int64_t *index, *k, *sample_index, *seeds;  // seeds: per-row seeds or nullptr
   bool* mask;
   float gumbel_temp;
   bool noise, deterministic;
@@ -160,7 +173,8 @@ __global__ void unmask_kernel(code_t* __restrict__ codes, UnmaskParams a) {
   const int64_t* pos = a.index + b * a.n;
   const float* prow = a.p0 + b * a.n * a.K;
   bool* mrow = a.mask + b * a.N;
-  const uint32_t gkey = rng::stream_key(a.seed_k, a.sample_index[b], a.gumbel_stream);
+  const uint32_t rk = rng::row_seed_key(a.seed_k, a.seeds, b);
+  const uint32_t gkey = rng::stream_key(rk, a.sample_index[b], a.gumbel_stream);
   for (int i = threadIdx.x; i < a.P; i += blockDim.x) {
     uint64_t key = ~0ull;  // padding sorts last
     if (i < a.n) {
@@ -189,7 +203,7 @@ __global__ void unmask_kernel(code_t* __restrict__ codes, UnmaskParams a) {
     }
   }
   const int64_t kb = a.k[b] < 0 ? 0 : (a.k[b] > a.n ? a.n : a.k[b]);
-  const uint32_t bkey = rng::stream_key(a.seed_k, a.sample_index[b], a.bits_stream);
+  const uint32_t bkey = rng::stream_key(rk, a.sample_index[b], a.bits_stream);
   for (int64_t e = threadIdx.x; e < kb * a.K; e += blockDim.x) {
     const int64_t r = e / a.K, j = e - r * a.K;
     const uint64_t key = keys[r];
@@ -204,8 +218,11 @@ __global__ void unmask_kernel(code_t* __restrict__ codes, UnmaskParams a) {
 
 void unmask_topk_cuda(const at::Tensor& p0, const at::Tensor& index, const at::Tensor& k, at::Tensor& codes,
                       at::Tensor& mask, double gumbel_temp, int64_t seed, const at::Tensor& sample_index,
-                      int64_t gumbel_stream, int64_t bits_stream, bool deterministic) {
+                      int64_t gumbel_stream, int64_t bits_stream, bool deterministic,
+                      const std::optional<at::Tensor>& seeds) {
   const UnmaskArgs args = check_unmask_args(p0, index, k, codes, mask, sample_index);
+  at::Tensor seeds_hold;
+  const int64_t* rs = row_seeds("unmask_topk", seeds, sample_index, seeds_hold);
   BIGR_CHECK(args.n <= kMaxCandidates, "unmask_topk: the CUDA kernel sorts at most ", kMaxCandidates,
              " candidates per row in shared memory, got n=", args.n);
   if (args.B == 0 || args.n == 0) return;
@@ -219,6 +236,7 @@ void unmask_topk_cuda(const at::Tensor& p0, const at::Tensor& index, const at::T
   a.index = ic.data_ptr<int64_t>();
   a.k = kc.data_ptr<int64_t>();
   a.sample_index = sc.data_ptr<int64_t>();
+  a.seeds = rs;
   a.mask = mask.data_ptr<bool>();
   a.gumbel_temp = static_cast<float>(gumbel_temp);
   a.noise = gumbel_temp > 0;

@@ -481,3 +481,47 @@ def test_errors():
         ops.unmask_topk(p0, idx[:, :5], k, codes, mask, 0.0, 0, si, 0, 1, False)
     with pytest.raises(RuntimeError, match="one row per sample index"):
         ops.rng_uniform(0, si, 0, torch.zeros(3, 4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------------- per-row seeds
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_row_seeds_equal_one_call_per_seed(device):
+    """seed given as (B,) per-row seeds (the seeds= argument of the ops): row b is what seed=seeds[b] gives, for the
+    rng, posterior_step and unmask_topk; and the twins agree."""
+    from bigr_engine import ops
+    seeds = torch.tensor([3, 2**40 + 1, 3, 0, 2**63 - 1])
+    B = len(seeds)
+    g = torch.Generator().manual_seed(9)
+    si = torch.randint(0, 10**6, (B,), generator=g)
+    counters = torch.randint(0, 2**40, (B, 11, 3), generator=g)
+    stream = rng.stream(rng.TOKEN_BITS, 2, 0)
+    u = ops.rng_uniform(seeds.to(device), si.to(device), stream, counters.to(device)).cpu()
+    bits = ops.rng_bits(seeds.to(device), si.to(device), stream, counters.to(device)).cpu()
+    for b in range(B):
+        assert torch.equal(u[b], rng.uniform_at(int(seeds[b]), si[b:b + 1], stream, counters[b:b + 1])[0])
+        assert torch.equal(bits[b], rng.random_bits_at(int(seeds[b]), si[b:b + 1], stream, counters[b:b + 1])[0])
+    assert torch.equal(u, rng.uniform_at(seeds, si, stream, counters))
+
+    n, K = 6, 8
+    lc, lu, x, tok, si2 = posterior_inputs(B, n, K, seed=4, cfg_on=True)
+    got = run_posterior(ops.posterior_step, lc, lu, x, tok, si2, 200, 150, seed=seeds.to(device), device=device)
+    assert torch.equal(got, run_posterior(R.posterior_step_ref, lc, lu, x, tok, si2, 200, 150, seed=seeds))
+    for b in range(B):
+        rows = slice(b * n, (b + 1) * n)
+        one = run_posterior(ops.posterior_step, lc[rows], lu[rows], x[b:b + 1], tok[b:b + 1], si2[b:b + 1], 200, 150,
+                            seed=int(seeds[b]), device=device)
+        assert torch.equal(got[rows], one), b
+
+    p0, idx, mask, codes, si3 = unmask_inputs(B, 10, 20, K, seed=2)
+    k = torch.tensor([3, 10, 1, 4, 2])
+    got = run_unmask(ops.unmask_topk, p0, idx, k, mask, codes, si3, 0.7, False, seed=seeds.to(device), device=device)
+    want = run_unmask(R.unmask_topk_ref, p0, idx, k, mask, codes, si3, 0.7, False, seed=seeds)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for b in range(B):
+        one = run_unmask(ops.unmask_topk, p0[b:b + 1], idx[b:b + 1], k[b:b + 1], mask[b:b + 1], codes[b:b + 1],
+                         si3[b:b + 1], 0.7, False, seed=int(seeds[b]), device=device)
+        assert torch.equal(got[0][b], one[0][0]) and torch.equal(got[1][b], one[1][0]), b
+    with pytest.raises(RuntimeError, match="seeds"):
+        ops.rng_uniform(seeds[:2].to(device), si.to(device), stream, counters.to(device))
