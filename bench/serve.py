@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bigr_engine as be  # noqa: E402
-from generate import device_name, write_results  # noqa: E402
+from generate import write_results  # noqa: E402
 
 
 def rss_mib(pid) -> float:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bigr_engine.cli.common import check_out_dir, positive_int
+from bigr_engine.cli.common import check_out_dir
 from bigr_engine.errors import BigrError
 
 

@@ -64,8 +64,8 @@ class TranscoderStep(nn.Module):
         xg = x[None].expand(G, -1, -1)
         logits = tc.forward_with_condition(xg, c).float() / temperature                 # (G, M, K)
         l_c, l_u = logits[0], logits[G - 1]
-        l = l_u + cfg * (l_c - l_u)
-        p_flip = torch.sigmoid(l)
+        guided = l_u + cfg * (l_c - l_u)
+        p_flip = torch.sigmoid(guided)
         p0 = x * (1 - p_flip) + (1 - x) * p_flip
         prior1 = coeffs[0] * p0 + coeffs[1]
         on = x != 0
