@@ -238,7 +238,7 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
     default; same codes), "off", "fast" (approximate: changes samples) or a dict of parameters. Reads the model,
     never changes it: concurrent calls are safe. seeds: (B,) per-row seeds in place of opts.seed (a service merging
     requests of different seeds): row b gets what a call with seed=seeds[b] gives it. The compiled sampling ops take
-    rows of different seeds run without a CUDA graph (its key holds the seed)."""
+    a CUDA graph takes them (and an int seed) as an input, so new seeds replay the same capture."""
     if opts.order != "entropy":
         raise BigrError(f"the engine samples in entropy order only; use backend='reference' for order={opts.order!r}")
     dev = model.device
@@ -256,13 +256,16 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
         if bool((seeds < 0).any()):
             raise BigrError(f"seeds must be in 0..2^63-1, got {int(seeds.min())}")
         if bool((seeds == seeds[0]).all()):
-            opts = dataclasses.replace(opts, seed=int(seeds[0]))
+            opts, seeds = dataclasses.replace(opts, seed=int(seeds[0])), None
         else:   # every draw (ops.rng, the compiled ops) takes per-row seeds; opts.seed holds the (B,) tensor from here
-            opts = dataclasses.replace(opts, seed=seeds.to(model.device))
-            cuda_graph = False   # the CUDA-graph key holds the seed (sampling.graphs)
+            if not cuda_graph:
+                opts = dataclasses.replace(opts, seed=seeds.to(model.device))
     plan = _make_plan(model, opts, kernels, dt, state_reuse.resolve_reuse(reuse))
     labels, sample_index, null = prepare_batch(model, labels, sample_index)
-    if cuda_graph:
-        return graphs.replay(model, plan, labels, null, sample_index, opts,
-                             lambda lab, nul, si: _run(model, plan, lab, nul, si, opts, False))
+    if cuda_graph:   # the seeds are a static input of the graph (per row), so a new seed replays the same capture
+        if seeds is None:
+            seeds = torch.full((labels.shape[0],), opts.seed, dtype=torch.int64)
+        return graphs.replay(model, plan, labels, null, sample_index, seeds.to(dev), opts,
+                             lambda lab, nul, si, sd: _run(model, plan, lab, nul, si,
+                                                           dataclasses.replace(opts, seed=sd), False))
     return _run(model, plan, labels, null, sample_index, opts, progress)

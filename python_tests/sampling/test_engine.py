@@ -150,3 +150,32 @@ def test_per_row_seeds_match_single_seed_calls(reuse):
         assert torch.equal(got[b], want[0]), b
     same = model.generate(labels, seeds=torch.tensor([7, 7, 7, 7]), **kw)
     assert torch.equal(same, model.generate(labels, seed=7, **kw))
+
+
+def test_graph_replay_takes_the_seed_as_an_input(monkeypatch):
+    """The CUDA-graph cache (run here without CUDA: the capture replaced by a plain call) keeps one graph for any
+    seed, and the replayed function sees the per-row seeds: the codes are the uncaptured engine's."""
+    model = random_bigr(6)
+    captured = []
+
+    class Plain:
+        def __init__(self, fn, labels, null, sample_index, seeds):
+            captured.append(1)
+            self.fn = fn
+
+        def __call__(self, *inputs):
+            return self.fn(*inputs)
+    monkeypatch.setattr(graphs, "_GraphedCall", Plain)
+    opts = SamplingOptions(iters=4, steps=5, cfg=2.0, gumbel=1.0)
+    k = engine.choose_kernels(model, torch.float32)
+    plan = engine._make_plan(model, opts, k, torch.float32, engine.state_reuse.resolve_reuse(None))
+    labels = torch.tensor([1, 2, 3])
+    lab, si, null = reference.prepare_batch(model, labels, None)
+    for seeds in ([5, 5, 5], [7, 8, 9]):
+        sd = torch.tensor(seeds)
+        got = graphs.replay(model, plan, lab, null, si, sd, opts,
+                            lambda a, b, c, s: engine._run(model, plan, a, b, c, engine.dataclasses.replace(opts, seed=s),
+                                                           False))
+        want = model.generate(labels, seeds=sd, iters=4, steps=5, cfg=2.0, gumbel=1.0)
+        assert torch.equal(got, want), seeds
+    assert len(captured) == 1   # the second seed set replayed the first capture
