@@ -235,3 +235,40 @@ def test_batcher_limits_and_graceful_close():
     assert {k for k, p in calls if 7 in p} == {("b",)}        # keys never mix
     with pytest.raises(ShuttingDown):
         b.submit(Job(("a",), 1, 0, far))
+
+
+def test_sigterm_finishes_accepted_requests(tmp_path):
+    """`bigr serve` as its own process: a request in flight when SIGTERM arrives is answered; then the server exits."""
+    import signal
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "bigr_engine", "serve", "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            r=httpx.post(url + "/v1/generate", json={"classes": list(range(10)), "per_class": 2}, timeout=120)))
+        t.start()
+        time.sleep(0.5)                      # the request is being computed
+        proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert result["r"].status_code == 200 and len(result["r"].json()["images"]) == 20
+        # uvicorn shuts down gracefully, then re-raises the signal it caught, so the status says SIGTERM
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
