@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigr_engine.cli.common import load_models, pick_device, report_earlier_files, with_run_manifest
+from bigr_engine.cli.common import (add_model_flags as _add_models, load_models, pick_device, report_earlier_files,
+                                    with_run_manifest)
 from bigr_engine.errors import BigrError
 from bigr_engine.io.files import write_files_atomic
 
@@ -20,14 +21,6 @@ DEFAULT_OUT = "bigr_out"
 
 
 # ---- argument groups ---------------------------------------------------------------------------
-
-def _add_models(p: argparse.ArgumentParser):
-    p.add_argument("--ckpt", metavar="MODEL", help="BiGR checkpoint (.pt release file or .safetensors); default: the "
-                                                   "bundled model (with --bae)")
-    p.add_argument("--bae", metavar="TOKENIZER", help="B-AE tokenizer checkpoint (.th release file or .safetensors); "
-                                                      "default: the bundled one")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-
 
 def _add_sampling(p: argparse.ArgumentParser, variations: bool = True):
     g = p.add_argument_group("sampling (defaults: the model's own settings, as for `bigr generate`)")
@@ -187,16 +180,12 @@ def _class_id(text, model, name: str = "class", allow_null: bool = False) -> int
 
 
 def _parse_box(text: str, size: int) -> torch.Tensor:
+    from bigr_engine.io.images import box_mask
     try:
         x0, y0, x1, y1 = (int(v) for v in text.split(","))
     except ValueError:
         raise BigrError(f"--box must be four integers x0,y0,x1,y1, got {text!r}") from None
-    if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
-        raise BigrError(f"--box {text} is not a non-empty rectangle inside the {size}x{size} frame "
-                        f"(0 <= x0 < x1 <= {size}, 0 <= y0 < y1 <= {size})")
-    m = torch.zeros(size, size, dtype=torch.bool)
-    m[y0:y1, x0:x1] = True
-    return m
+    return box_mask((x0, y0, x1, y1), size, f"--box {text}")
 
 
 def _read_inputs(paths, size: int):
@@ -212,8 +201,7 @@ def _read_inputs(paths, size: int):
 
 def _read_masks(paths, image_paths, image_sizes, size: int) -> torch.Tensor:
     """Mask PNGs (white = selected) -> (B,S,S) bool, cropped and resized like their images."""
-    from PIL import Image
-    from bigr_engine.io.images import center_crop_resize, open_image
+    from bigr_engine.io.images import mask_from_image, open_image
     if len(paths) not in (1, len(image_paths)):
         raise BigrError(f"got {len(paths)} masks for {len(image_paths)} images; pass one mask per image or one for all")
     masks = []
@@ -223,8 +211,7 @@ def _read_masks(paths, image_paths, image_sizes, size: int) -> torch.Tensor:
         if im.size != image_sizes[i]:
             raise BigrError(f"mask {mp} is {im.size[0]}x{im.size[1]} but image {ip} is {image_sizes[i][0]}x{image_sizes[i][1]}; "
                             f"masks must have their image's size")
-        gray = np.asarray(center_crop_resize(im.convert("L"), size, Image.Resampling.NEAREST))
-        masks.append(torch.from_numpy(gray >= 128))
+        masks.append(mask_from_image(im, size))
     return torch.stack(masks)
 
 

@@ -119,6 +119,15 @@ def sampling_from_args(args, model) -> dict:
     return {**{k: v for k, v in given.items() if v is not None}, "dtype": args.dtype, "reuse": args.reuse}
 
 
+def add_model_flags(p) -> None:
+    """--ckpt, --bae and --device of the commands that run a model (the applications, serve)."""
+    p.add_argument("--ckpt", metavar="MODEL", help="BiGR checkpoint (.pt release file or .safetensors); default: the "
+                                                   "bundled model (with --bae)")
+    p.add_argument("--bae", metavar="TOKENIZER", help="B-AE tokenizer checkpoint (.th release file or .safetensors); "
+                                                      "default: the bundled one")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+
+
 RUN_MANIFEST = "bigr_run.json"
 
 

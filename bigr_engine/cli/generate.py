@@ -79,15 +79,12 @@ def _onnx_pipeline(args):
     if not pipe.has_tokenizer:
         raise BigrError(f"{args.onnx} was exported without a tokenizer, so it cannot write images; export with --bae "
                         f"(or the bundled default)")
-    given = {k: getattr(args, k) for k in ("cfg", "iters", "steps", "gumbel", "cfg_schedule", "gumbel_schedule",
-                                           "temperature")}
-    if args.greedy:
-        given["greedy"] = True
-    pipe.sampling_options(**given, seed=args.seed)          # checked before any work starts
+    sampling = sampling_from_args(args, pipe)                  # checked before any work starts
+    sampling = {k: v for k, v in sampling.items() if k not in ("dtype", "reuse")}   # fixed by the export
 
     def generate(batch, seed, sample_index, **options):
         return pipe.generate(batch.numpy(), seed=seed, sample_index=sample_index.numpy(), **options)
-    return pipe, generate, lambda codes: to_uint8(pipe.decode(codes)), {k: v for k, v in given.items() if v is not None}
+    return pipe, generate, lambda codes: to_uint8(pipe.decode(codes)), sampling
 
 
 def cmd_convert(args) -> int:

@@ -1,7 +1,7 @@
 """`bigr serve`: the HTTP service (bigr_engine.serve) on uvicorn."""
 from __future__ import annotations
 
-from bigr_engine.cli.common import load_models, pick_device, positive_int
+from bigr_engine.cli.common import add_model_flags, load_models, pick_device, positive_int
 from bigr_engine.errors import BigrError
 
 
@@ -11,9 +11,8 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError as e:
         raise BigrError(f"bigr serve needs the serve extra ({e.name} is not installed): pip install 'bigr-engine[serve]'") from None
-    from bigr_engine.serve.app import Service, create_app
-    if args.max_wait_ms < 0 or args.timeout_s <= 0:
-        raise BigrError(f"--max-wait-ms must be >= 0 and --timeout-s > 0, got {args.max_wait_ms} and {args.timeout_s}")
+    from bigr_engine.serve.app import Service, check_limits, create_app
+    check_limits(args.max_batch, args.max_wait_ms, args.max_queue, args.timeout_s)   # before the model loads
     model, bae = load_models(args, pick_device(args.device))
     service = Service(model, bae, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                       timeout_s=args.timeout_s, dtype=None if args.dtype == "auto" else args.dtype)
@@ -31,11 +30,9 @@ def register(sub) -> None:
                                    "/metrics (Prometheus) and a page at /. Requests with the same sampling options merge "
                                    "into batches of up to --max-batch images, waiting at most --max-wait-ms; a full "
                                    "queue answers 429. Without --ckpt/--bae the bundled model is served.")
-    p.add_argument("--ckpt", metavar="MODEL", help="BiGR model (released .pt or .safetensors); default: the bundled model")
-    p.add_argument("--bae", metavar="TOKENIZER", help="its B-AE tokenizer; default: the bundled one")
+    add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="matmul precision (default: bf16 on CUDA)")
     p.add_argument("--max-batch", type=positive_int, default=16, help="images per model call (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="longest a request waits for company (default 10)")

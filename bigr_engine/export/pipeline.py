@@ -65,6 +65,12 @@ class HostLoop:
         from bigr_engine.sampling.options import resolve_options
         return resolve_options(self, **overrides)
 
+    def step_coefficients(self, steps: list[int]) -> np.ndarray:
+        """(S, 4) float32: TranscoderStep's posterior coefficients for each step of `steps` (the last step's are
+        unused: it outputs p0)."""
+        return np.stack([host.posterior_coefficients(self.tables, t, steps[j + 1]) if j + 1 < len(steps)
+                         else np.array([1, 0, 1, 1], np.float32) for j, t in enumerate(steps)])
+
     # ---- the loop -------------------------------------------------------------------------------------------------
     def run(self, conditions, step, weights: np.ndarray, opts: SamplingOptions, sample_index: np.ndarray,
             progress: bool = False) -> np.ndarray:
@@ -78,8 +84,7 @@ class HostLoop:
             null[:, self.num_classes] = 1
             weights = np.concatenate([weights, null])
         steps = host.inference_steps(self.train_steps, opts.steps)
-        coeffs = [host.posterior_coefficients(self.tables, t, steps[j + 1]) if j + 1 < len(steps)
-                  else np.array([1, 0, 1, 1], np.float32) for j, t in enumerate(steps)]
+        coeffs = self.step_coefficients(steps)
         temperature = np.array([opts.temperature], np.float32)
         codes = np.zeros((B, N, K), np.uint8)
         mask = np.ones((B, N), bool)

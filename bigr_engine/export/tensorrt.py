@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from bigr_engine.errors import BigrError
-from bigr_engine.export import host
 from bigr_engine.export.manifest import MANIFEST, read_manifest
 from bigr_engine.export.pipeline import DECODE_GROUP, HostLoop
 from bigr_engine.sampling.options import rounds_for
@@ -133,8 +132,7 @@ def device_loop(conditions, step, loop: HostLoop, weights, opts, sample_index, k
         null[:, loop.num_classes] = 1
         weights = torch.cat([weights, null])
     steps = inference_steps(loop.train_steps, opts.steps)
-    coeffs = torch.tensor(np.stack([host.posterior_coefficients(loop.tables, t, steps[j + 1]) if j + 1 < len(steps)
-                                    else np.array([1, 0, 1, 1], np.float32) for j, t in enumerate(steps)]), device=dev)
+    coeffs = torch.from_numpy(loop.step_coefficients(steps)).to(dev)
     step_t = torch.tensor(steps, device=dev, dtype=torch.int64)[:, None]
     temperature = torch.tensor([opts.temperature], device=dev, dtype=torch.float32)
     uniform = rng.uniform_at if kernels is None else kernels.uniform_at

@@ -16,6 +16,25 @@ from bigr_engine.errors import BigrError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
+def mask_from_image(img, size: int) -> torch.Tensor:
+    """A mask image (white = selected) -> (size, size) bool, centre-cropped and resized like its image (nearest)."""
+    from PIL import Image
+    gray = np.asarray(center_crop_resize(img.convert("L"), size, Image.Resampling.NEAREST))
+    return torch.from_numpy(gray >= 128)
+
+
+def box_mask(box, size: int, what: str) -> torch.Tensor:
+    """(x0, y0, x1, y1) integers -> (size, size) bool, True inside x0 <= x < x1, y0 <= y < y1; `what` names the
+    argument in the error."""
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+        raise BigrError(f"{what} is not a non-empty rectangle inside the {size}x{size} frame "
+                        f"(0 <= x0 < x1 <= {size}, 0 <= y0 < y1 <= {size})")
+    m = torch.zeros(size, size, dtype=torch.bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
 def center_crop_resize(img, size: int, resample=None):
     """A PIL image -> its central square, resized to size x size (bicubic by default)."""
     from PIL import Image

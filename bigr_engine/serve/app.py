@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bigr_engine.errors import BigrError
@@ -33,6 +32,15 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def check_limits(max_batch, max_wait_ms, max_queue, timeout_s) -> None:
+    """The batching limits of `bigr serve`, with the flags' names in the messages."""
+    for name, v in (("--max-batch", max_batch), ("--max-queue", max_queue)):
+        if int(v) < 1:
+            raise BigrError(f"{name} must be a positive integer, got {v}")
+    if max_wait_ms < 0 or timeout_s <= 0:
+        raise BigrError(f"--max-wait-ms must be >= 0 and --timeout-s > 0, got {max_wait_ms} and {timeout_s}")
+
+
 class Service:
     """The model, the batcher and the metrics behind the app. Holds no per-request state (requests are jobs)."""
 
@@ -40,11 +48,7 @@ class Service:
                  timeout_s: float = 60.0, dtype=None):
         import bigr_engine as be
         be.check_pair(model, bae)
-        for name, v in (("--max-batch", max_batch), ("--max-queue", max_queue)):
-            if int(v) < 1:
-                raise BigrError(f"{name} must be a positive integer, got {v}")
-        if max_wait_ms < 0 or timeout_s <= 0:
-            raise BigrError(f"--max-wait-ms must be >= 0 and --timeout-s > 0, got {max_wait_ms} and {timeout_s}")
+        check_limits(max_batch, max_wait_ms, max_queue, timeout_s)
         self.model, self.bae, self.dtype = model, bae, dtype
         self.max_batch, self.max_queue, self.timeout_s = int(max_batch), int(max_queue), float(timeout_s)
         self.max_wait_s = max_wait_ms / 1e3
@@ -113,9 +117,7 @@ class Service:
         unknown = sorted(set(body) - known)
         if unknown:
             raise BigrError(f"unknown field(s) {', '.join(unknown)}; valid ones are {', '.join(sorted(known))}")
-        from PIL import Image
-
-        from bigr_engine.io.images import center_crop_resize, to_tensor
+        from bigr_engine.io.images import box_mask, center_crop_resize, mask_from_image, to_tensor
         S = self.bae.cfg.img_size
         image = _decode_image(body.get("image"), "image")
         size = image.size
@@ -127,15 +129,12 @@ class Service:
             if mask_im.size != size:
                 raise BigrError(f"the mask is {mask_im.size[0]}x{mask_im.size[1]} but the image {size[0]}x{size[1]}; "
                                 f"masks must have their image's size")
-            mask = torch.from_numpy(np.asarray(center_crop_resize(mask_im.convert("L"), S,
-                                                                  Image.Resampling.NEAREST)) >= 128)
+            mask = mask_from_image(mask_im, S)
         elif body.get("box") is not None:
             box = body["box"]
-            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)
-                    and 0 <= box[0] < box[2] <= S and 0 <= box[1] < box[3] <= S):
-                raise BigrError(f'"box" must be [x0, y0, x1, y1] integers inside the {S}x{S} frame, got {box!r}')
-            mask = torch.zeros(S, S, dtype=torch.bool)
-            mask[box[1]:box[3], box[0]:box[2]] = True
+            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)):
+                raise BigrError(f'"box" must be [x0, y0, x1, y1] integers, got {box!r}')
+            mask = box_mask(box, S, f'"box" {box}')
         else:
             raise BigrError('give "mask" (a base64 PNG, white = regenerate) or "box" [x0, y0, x1, y1]')
         label = body.get("class")
