@@ -19,7 +19,7 @@ from bigr_engine.models.transcoder import ln_modulate_plain
 from bigr_engine.ops.reference import schedule_tables
 from bigr_engine.ops.reference import attention_reference, rope_2d_table
 
-pytestmark = pytest.mark.skipif(not has_op("bigr::ln_modulate"), reason="bigr_engine._C not built")
+pytestmark = pytest.mark.skipif(not has_op("bigr::ln_modulate"), reason="the ops library is not built")
 
 
 @pytest.fixture(scope="module")

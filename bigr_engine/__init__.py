@@ -24,10 +24,24 @@ _LAZY = {
     "TensorRTPipeline": "bigr_engine.export.tensorrt",
 }
 
-__all__ = ["__version__", "BigrError", "CheckpointError", *_LAZY]
+__all__ = ["__version__", "BigrError", "CheckpointError", "cmake_prefix_path", *_LAZY]
+
+
+def _cmake_prefix_path() -> str:
+    """The folder of the C++ API's CMake package (find_package(bigr)): lib/, include/ and share/cmake/bigr/ are
+    installed into the package's site-packages folder, which an editable install keeps apart from the sources."""
+    import os
+    for root in __path__:
+        path = os.path.join(root, "share", "cmake")
+        if os.path.isfile(os.path.join(path, "bigr", "bigrConfig.cmake")):
+            return path
+    raise BigrError("the C++ API is not installed (no share/cmake/bigr/bigrConfig.cmake in the package); reinstall "
+                    "with: pip install --no-build-isolation -e .")
 
 
 def __getattr__(name):
+    if name == "cmake_prefix_path":   # computed on use: a value set at import would fail imports without the C++ API
+        return _cmake_prefix_path()
     if name in _LAZY:
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value

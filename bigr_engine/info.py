@@ -80,7 +80,7 @@ def report() -> str:
         lines.append(f"extension   NOT loaded: {extension_error()}")
         lines.append("            the engine runs its plain-PyTorch paths")
         return "\n".join(lines)
-    lines.append(f"extension   built against torch {b['torch_version']} with {b['compiler']}")
+    lines.append(f"extension   {b['path']}, built against torch {b['torch_version']} with {b['compiler']}")
     if b["with_cuda"]:
         lines.append(f"cuda kernels yes, CUDA {b.get('cuda_version') or '?'}, archs {b['cuda_archs']}")
     else:

@@ -1,7 +1,11 @@
 // Every op of the `bigr` namespace: schemas only. Kernels: attention/, pack/, sampling/, transcoder/ (CPU and CUDA).
 #include <torch/library.h>
 
+#include "bigr/build_info.h"
+
 TORCH_LIBRARY(bigr, m) {
+  // The build: version, torch version, CUDA kernels and archs, compiler, as a JSON object (csrc/build_info.cpp).
+  m.def("build_info() -> str", &bigr::build_info_json);
   // Binary codes (..., K) with K <= 64 -> one word per token (int32 for K <= 32, int64 above); bit j = code[..., j].
   m.def("pack_bits(Tensor bits) -> Tensor");
   // Words (...) -> codes (..., K) uint8; inverse of pack_bits.

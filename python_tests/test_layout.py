@@ -8,7 +8,7 @@ PKG = Path(__file__).resolve().parents[1] / "bigr_engine"
 # The floor of each top-level part of the package; a module may import only parts on lower floors, and its own
 # part (apps and train, both on floor 5, do not import each other).
 FLOORS = {
-    "errors": 0, "_version": 0, "_C": 0,
+    "errors": 0, "_version": 0,
     "ops": 1,          # compiled ops, their twins, the kernel choice, rng, packing
     "models": 2,       # tokenizer, transformer, transcoder, the BiGR network
     "sampling": 3,     # options, reference loop, engine, CUDA graphs, BiGR with generate
@@ -32,7 +32,6 @@ def module_name(path: Path) -> str:
 
 def modules() -> dict[str, Path]:
     found = {module_name(p): p for p in PKG.rglob("*.py")}
-    found["bigr_engine._C"] = None   # the compiled extension (no source to read)
     return found
 
 

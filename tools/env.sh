@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.bigr-deps"
-REQS="torch==2.14.1 numpy safetensors pillow tqdm scikit-build-core pybind11 cmake ninja pytest pytest-benchmark onnx==1.23.0 onnxscript==0.7.2 onnxruntime==1.31.1 fastapi==0.165.0 uvicorn==0.54.0 httpx==0.28.1 playwright==1.65.2"
+REQS="torch==2.14.1 numpy safetensors pillow tqdm scikit-build-core cmake ninja pytest pytest-benchmark onnx==1.23.0 onnxscript==0.7.2 onnxruntime==1.31.1 fastapi==0.165.0 uvicorn==0.54.0 httpx==0.28.1 playwright==1.65.2"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$REQS" ]; then
   echo "[bigr] installing dependencies into $VENV (first run: a few minutes)" >&2
   # An editable install of a pyproject.toml project needs pip >= 21.3; a venv's own pip is newer from Python 3.11 on.
@@ -27,14 +27,14 @@ fi
 # cheap checks: importing torch here to look would add seconds to every call of tools/bigr.sh.
 SITES=("$VENV"/lib/python3*/site-packages)
 SITE="${SITES[0]}"
-SRC_HASH="$( (cd "$ROOT" && find CMakeLists.txt pyproject.toml csrc -type f -print0 | sort -z | xargs -0 sha1sum
+SRC_HASH="$( (cd "$ROOT" && find CMakeLists.txt pyproject.toml csrc cpp -type f -print0 | sort -z | xargs -0 sha1sum
   echo "root=$ROOT torch=$(cd "$SITE" && echo torch-*.dist-info)"
   echo "cuda=${BIGR_WITH_CUDA:-} force=${FORCE_CUDA:-} archs=${TORCH_CUDA_ARCH_LIST:-}"
   echo "gpus=$(echo /dev/nvidia[0-9]* /dev/dxg) visible=${CUDA_VISIBLE_DEVICES-all}") | sha1sum | cut -c1-40)"
 BUILD_STAMP="$VENV/.bigr-build"
 BUILD_LOG="$VENV/.bigr-build.log"
 if [ ! -f "$BUILD_STAMP" ] || [ "$(cat "$BUILD_STAMP")" != "$SRC_HASH" ] || \
-   ! compgen -G "$SITE/bigr_engine/_C.*.so" > /dev/null || [ ! -x "$VENV/bin/bigr" ]; then
+   ! compgen -G "$SITE/bigr_engine/lib/libbigr_ops.so" > /dev/null || [ ! -x "$VENV/bin/bigr" ]; then
   echo "[bigr] building the extension (incremental; log: $BUILD_LOG)" >&2
   rm -f "$BUILD_STAMP"
   # pip -v for CMake's output: the log keeps it all, the terminal gets CMake's one line on CUDA kernels.

@@ -1,4 +1,5 @@
-"""`bigr export onnx` (graphs + manifest) and `bigr export tensorrt` (engines built from an ONNX export, on a GPU)."""
+"""`bigr export onnx` (graphs + manifest), `bigr export tensorrt` (engines built from an ONNX export, on a GPU) and
+`bigr export cpp` (the model directory of the C++ API)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,21 +9,36 @@ from bigr_engine.errors import BigrError
 
 
 def cmd_export_onnx(args) -> int:
-    import bigr_engine as be
     from bigr_engine.export.onnx_export import export_onnx
     out = Path(args.out)
     check_out_dir(out)
-    if args.ckpt is None and args.bae is not None:
-        raise BigrError("--bae needs --ckpt (the BiGR model it tokenizes for); give neither for the bundled default")
-    if args.ckpt is None:
-        model, bae = be.load_default()
-    else:
-        model = be.load_bigr(args.ckpt)
-        bae = be.load_bae(args.bae) if args.bae else None
+    model, bae = _load_pair(args)
     export_onnx(model, bae, out, dtype=args.dtype, opset=args.opset, class_names=getattr(model, "class_names", None),
                 progress=not args.quiet)
     graphs = sorted(p.name for p in out.glob("*.onnx"))
     print(f"wrote {', '.join(graphs)} and manifest.json to {out}/ ({args.dtype}, opset {args.opset})")
+    return 0
+
+
+def _load_pair(args):
+    import bigr_engine as be
+    if args.ckpt is None and args.bae is not None:
+        raise BigrError("--bae needs --ckpt (the BiGR model it tokenizes for); give neither for the bundled default")
+    if args.ckpt is None:
+        return be.load_default()
+    model = be.load_bigr(args.ckpt)
+    return model, (be.load_bae(args.bae) if args.bae else None)
+
+
+def cmd_export_cpp(args) -> int:
+    from bigr_engine.export.cpp_export import export_cpp
+    out = Path(args.out)
+    check_out_dir(out)
+    model, bae = _load_pair(args)
+    export_cpp(model, bae, out, class_names=getattr(model, "class_names", None))
+    files = sorted(p.name for p in out.iterdir())
+    print(f"wrote {', '.join(files)} to {out}/; run it with examples/cpp (bigr-generate --model {out}) or "
+          f"bigr::Pipeline::load(\"{out}\")")
     return 0
 
 
@@ -46,7 +62,7 @@ def cmd_export_tensorrt(args) -> int:
 
 def register(sub) -> None:
     from bigr_engine.export.onnx_export import DEFAULT_OPSET, DTYPES, OPSETS
-    p = sub.add_parser("export", help="deployment: ONNX graphs, TensorRT engines",
+    p = sub.add_parser("export", help="deployment: ONNX graphs, TensorRT engines, the C++ model directory",
                        description="Export the model as one ONNX graph per component (bigr export onnx), or build "
                                    "TensorRT engines from such an export on a GPU machine (bigr export tensorrt).")
     kinds = p.add_subparsers(dest="kind", required=True)
@@ -75,3 +91,11 @@ def register(sub) -> None:
                    "(default 1,8,64)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_export_tensorrt)
+    q = kinds.add_parser("cpp", help="the model directory of the C++ API (bigr/pipeline.h)",
+                         description="Write manifest.json, model.safetensors and (with a tokenizer) "
+                                     "tokenizer.safetensors for bigr::Pipeline::load. Without --ckpt the bundled "
+                                     "default model and tokenizer are exported.")
+    q.add_argument("--ckpt", metavar="MODEL", help="BiGR model (released .pt or .safetensors); default: the bundled one")
+    q.add_argument("--bae", metavar="TOKENIZER", help="its B-AE tokenizer, for decoding to images")
+    q.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder for the model directory")
+    q.set_defaults(func=cmd_export_cpp)

@@ -1,6 +1,6 @@
 """The compiled ops (`torch.ops.bigr`), their plain-PyTorch twins, and the choice between them.
 
-- `loader`: loads the extension `bigr_engine._C` (its build metadata, or why it did not load);
+- `loader`: loads the extension `libbigr_ops.so` (its build metadata, or why it did not load);
 - `compiled`: thin wrappers with fake kernels and autograd;
 - `reference`: the twins, and the math the models share with the kernels (RoPE, reference attention, sigmoid);
 - `kernels`: which kernels a call uses on a device and why the others are not used;

@@ -1,24 +1,55 @@
-"""Loading the compiled extension `bigr_engine._C`; importing it registers the `torch.ops.bigr` ops.
+"""Loading the ops library `bigr_engine/lib/libbigr_ops.so`; loading it registers the `torch.ops.bigr` ops.
 
-The engine works without it (plain-PyTorch paths); `have_extension()` says whether it loaded and
-`extension_error()` why not.
+A plain shared library (no Python in it), loaded with `torch.ops.load_library`, so C++ programs link the same file
+(the C++ API, cpp/). The engine works without it (plain-PyTorch paths); `have_extension()` says whether it loaded
+and `extension_error()` why not.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import torch
+
+LIBRARY = "libbigr_ops.so"
+_REBUILD = "reinstall with: pip install --no-build-isolation -e ."
 
 _error: str | None = None
 _info: dict | None = None
+_path: Path | None = None
 
-try:
-    from bigr_engine import _C
-    _info = dict(_C.build_info())
+
+def library_path() -> Path | None:
+    """Where the installed ops library is (under the package's lib/ folder; an editable install keeps it in
+    site-packages, the sources elsewhere: every folder of the package's path is searched)."""
+    spec = importlib.util.find_spec("bigr_engine")
+    for root in spec.submodule_search_locations or []:
+        candidate = Path(root) / "lib" / LIBRARY
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load() -> None:
+    global _error, _info, _path
+    _path = library_path()
+    if _path is None:
+        _error = f"the ops library {LIBRARY} is not built; {_REBUILD}"
+        return
+    try:
+        if not hasattr(torch.ops.bigr, "build_info"):   # loaded already in this process (twice would re-register)
+            torch.ops.load_library(str(_path))
+        _info = json.loads(torch.ops.bigr.build_info())
+    except (OSError, RuntimeError, ValueError) as e:
+        _error = f"the ops library {_path} failed to load ({e}); {_REBUILD}"
+        return
     if _info["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:
-        _error = (f"bigr_engine._C was built against torch {_info['torch_version']} but torch {torch.__version__} is "
-                  f"installed; reinstall with: pip install --no-build-isolation -e .")
-except (ImportError, OSError) as e:
-    _error = (f"bigr_engine._C is not built or failed to load ({e}); "
-              f"reinstall with: pip install --no-build-isolation -e .")
+        _error = (f"the ops library was built against torch {_info['torch_version']} but torch {torch.__version__} is "
+                  f"installed; {_REBUILD}")
+
+
+_load()
 
 
 def have_extension() -> bool:
@@ -30,8 +61,9 @@ def extension_error() -> str | None:
 
 
 def build_info() -> dict:
-    """The extension's build metadata: torch_version, with_cuda, cuda_archs, cuda_version, compiler ({} if absent)."""
-    return dict(_info or {})
+    """The ops library's build metadata: version, torch_version, with_cuda, cuda_archs, cuda_version, compiler, and
+    path ({} if absent)."""
+    return {**_info, "path": str(_path)} if _info else {}
 
 
 def have_cuda_kernels() -> bool:

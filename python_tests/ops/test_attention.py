@@ -12,7 +12,7 @@ from bigr_engine.ops.loader import have_cuda_kernels, have_extension
 from bigr_engine.ops.reference import rope_attention_ref
 from bigr_engine.ops.reference import attention_reference, rope_2d_table
 
-pytestmark = pytest.mark.skipif(not have_extension(), reason="bigr_engine._C not built")
+pytestmark = pytest.mark.skipif(not have_extension(), reason="the ops library is not built")
 HAVE_CUDA = torch.cuda.is_available() and have_cuda_kernels()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAVE_CUDA, reason="needs a GPU and CUDA kernels"))]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

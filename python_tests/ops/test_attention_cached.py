@@ -17,7 +17,7 @@ from bigr_engine.ops.loader import have_cuda_kernels, has_op
 from bigr_engine.ops.reference import attention_reference, rope_2d_table, rope_attention_cached_ref
 
 pytestmark = pytest.mark.skipif(not has_op("bigr::rope_attention_cached"),
-                                reason="bigr_engine._C not built (or built without rope_attention_cached)")
+                                reason="the ops library is not built (or built without rope_attention_cached)")
 HAVE_CUDA = torch.cuda.is_available() and have_cuda_kernels()
 needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="needs a GPU and CUDA kernels")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]

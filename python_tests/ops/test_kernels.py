@@ -14,7 +14,7 @@ from bigr_engine.sampling import engine
 from bigr_engine.sampling.options import SamplingOptions
 from conftest import random_bigr
 
-needs_ext = pytest.mark.skipif(not has_op("bigr::posterior_step"), reason="bigr_engine._C not built")
+needs_ext = pytest.mark.skipif(not has_op("bigr::posterior_step"), reason="the ops library is not built")
 
 
 @pytest.fixture(autouse=True)

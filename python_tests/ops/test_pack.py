@@ -9,13 +9,13 @@ from bigr_engine.ops import packing as codes
 from bigr_engine.ops.loader import build_info, have_cuda_kernels, have_extension
 from bigr_engine.ops.reference import pack_bits_ref, unpack_bits_ref
 
-needs_ext = pytest.mark.skipif(not have_extension(), reason="bigr_engine._C not built")
+needs_ext = pytest.mark.skipif(not have_extension(), reason="the ops library is not built")
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=[
         pytest.mark.cuda,
         pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible"),
-        pytest.mark.skipif(not have_cuda_kernels(), reason="bigr_engine._C was built without CUDA kernels"),
+        pytest.mark.skipif(not have_cuda_kernels(), reason="the ops library was built without CUDA kernels"),
     ]),
 ]
 DTYPES = [torch.uint8, torch.bool, torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64]
@@ -130,7 +130,7 @@ def test_codes_dispatch_round_trip():
 @needs_ext
 def test_build_info():
     info = build_info()
-    assert set(info) >= {"torch_version", "with_cuda", "cuda_archs", "cuda_version", "compiler"}
+    assert set(info) >= {"version", "path", "torch_version", "with_cuda", "cuda_archs", "cuda_version", "compiler"}
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert bool(info["cuda_archs"]) == info["with_cuda"] == bool(info["cuda_version"])
 
@@ -143,8 +143,8 @@ def _run(args, cwd):
 def test_extension_imports_outside_the_repo(tmp_path):
     # torch first: the extension links against libtorch, which `import bigr_engine` no longer loads by itself (the
     # package imports torch lazily so that the exported pipeline runs without it); ops.loader imports torch first
-    out = _run(["-c", "import torch, bigr_engine._C as C; print(C.build_info()); print(torch.ops.bigr.pack_bits)"],
-               tmp_path)
+    out = _run(["-c", "import torch; from bigr_engine.ops import loader; torch.ops.load_library(str(loader.library_path())); "
+                      "print(torch.ops.bigr.build_info()); print(torch.ops.bigr.pack_bits)"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "torch_version" in out.stdout
 

@@ -18,7 +18,7 @@ from bigr_engine.models.transcoder import inference_steps
 from bigr_engine.ops.reference import schedule_tables
 
 HAVE_OPS = all(has_op(f"bigr::{op}") for op in ("rng_bits", "rng_uniform", "posterior_step", "unmask_topk"))
-needs_ext = pytest.mark.skipif(not HAVE_OPS, reason="bigr_engine._C not built (or built without the sampling ops)")
+needs_ext = pytest.mark.skipif(not HAVE_OPS, reason="the ops library is not built (or built without the sampling ops)")
 HAVE_CUDA = torch.cuda.is_available() and have_cuda_kernels()
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
                                                pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA GPU")])]

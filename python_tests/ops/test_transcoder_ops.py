@@ -14,7 +14,7 @@ from bigr_engine.models.transcoder import Transcoder, ln_modulate_plain
 from bigr_engine.ops import compiled, kernels
 
 pytestmark = pytest.mark.skipif(not (have_extension() and has_op("bigr::ln_modulate")),
-                                reason="bigr_engine._C not built (or built without the transcoder ops)")
+                                reason="the ops library is not built (or built without the transcoder ops)")
 HAVE_CUDA = torch.cuda.is_available() and have_cuda_kernels()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAVE_CUDA, reason="needs a GPU and CUDA kernels"))]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -11,7 +11,7 @@ from bigr_engine.sampling.options import SamplingOptions
 from conftest import random_bigr
 
 HAVE_OPS = kernels.choose("cpu").uses("posterior_step") and kernels.choose("cpu").uses("unmask_topk")
-OPS = [False, pytest.param(True, marks=pytest.mark.skipif(not HAVE_OPS, reason="bigr_engine._C ops not built"))]
+OPS = [False, pytest.param(True, marks=pytest.mark.skipif(not HAVE_OPS, reason="the ops library is not built"))]
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not (torch.cuda.is_available() and have_cuda_kernels()),
                                                    reason="no CUDA GPU or CUDA kernels")]
 

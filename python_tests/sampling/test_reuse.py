@@ -11,7 +11,7 @@ from bigr_engine.sampling.reuse import PRESETS, Reuse, plan_reuse, resolve_reuse
 from conftest import random_bigr
 
 HAVE_OPS = kernels.choose("cpu").uses("posterior_step") and kernels.choose("cpu").uses("unmask_topk")
-OPS = [False, pytest.param(None, marks=pytest.mark.skipif(not HAVE_OPS, reason="bigr_engine._C ops not built"))]
+OPS = [False, pytest.param(None, marks=pytest.mark.skipif(not HAVE_OPS, reason="the ops library is not built"))]
 
 
 @pytest.fixture(scope="module")
