@@ -27,7 +27,7 @@ int64_t Json::as_int() const {
   if (is_number()) {
     char text[32];
     std::snprintf(text, sizeof text, "%g", std::get<double>(value_));
-    throw Error(context_ + " is " + text + ", expected an integer");
+    throw Error(context_ + " is a float (" + text + "), expected an integer");  // 3.0 too: a float in Python
   }
   type_error("an integer");
 }
