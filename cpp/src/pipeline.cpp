@@ -3,6 +3,7 @@
 #include "bigr/pipeline.h"
 
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
@@ -161,6 +162,42 @@ at::Device parse_device(const std::string& name) {
     throw Error("device " + py_repr(name) + " is not a device name; use \"cpu\", \"cuda\" or \"cuda:N\"");
   }
 }
+
+// engine.resolve_dtype: None or "auto" -> bfloat16 on CUDA, float32 elsewhere.
+at::ScalarType resolve_dtype(const std::optional<std::string>& name, const at::Device& device) {
+  if (!name || *name == "auto") return device.is_cuda() ? at::kBFloat16 : at::kFloat;
+  if (*name == "float32") return at::kFloat;
+  if (*name == "bfloat16") return at::kBFloat16;
+  if (*name == "float16") return at::kHalf;
+  throw Error("dtype must be auto, float32, bfloat16 or float16, got " + py_repr(*name));
+}
+
+// torch.autocast(device, dtype, enabled=dtype != float32) for the current thread (autocast state is thread-local, so
+// concurrent calls with different dtypes do not see each other's).
+class Autocast {
+ public:
+  Autocast(at::DeviceType dev, at::ScalarType dtype)
+      : dev_(dev), on_(dtype != at::kFloat), was_on_(at::autocast::is_autocast_enabled(dev)),
+        was_dtype_(at::autocast::get_autocast_dtype(dev)) {
+    if (!on_) return;
+    at::autocast::set_autocast_enabled(dev_, true);
+    at::autocast::set_autocast_dtype(dev_, dtype);
+    at::autocast::increment_nesting();
+  }
+  ~Autocast() {
+    if (!on_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(dev_, was_on_);
+    at::autocast::set_autocast_dtype(dev_, was_dtype_);
+  }
+  Autocast(const Autocast&) = delete;
+  Autocast& operator=(const Autocast&) = delete;
+
+ private:
+  at::DeviceType dev_;
+  bool on_, was_on_;
+  at::ScalarType was_dtype_;
+};
 
 }  // namespace
 
@@ -325,8 +362,10 @@ at::Tensor Pipeline::generate(const at::Tensor& labels_in, const GenerateOptions
                   std::to_string(B) + " labels");
     sample_index = at::tensor(options.sample_index, at::TensorOptions().dtype(at::kLong)).to(p.device);
   }
+  const at::ScalarType dtype = resolve_dtype(options.dtype, p.device);
   if (B == 0)
     return at::zeros({0, p.info.num_tokens, p.info.bits}, at::TensorOptions().dtype(at::kByte).device(p.device));
+  const Autocast autocast(p.device.type(), dtype);
   return detail::generate(*p.net, labels, sample_index, o);
 }
 

@@ -30,7 +30,8 @@ const char* kUsage =
     "usage: bigr-generate --model DIR --classes C[,C...] --out DIR [--per-class N] [--batch-size N] [--seed S]\n"
     "                     [--cfg X] [--iters N] [--steps N] [--gumbel X] [--cfg-schedule constant|linear]\n"
     "                     [--gumbel-schedule constant|down|up] [--temperature X] [--deterministic] [--greedy]\n"
-    "                     [--threads N] [--device cpu|cuda] [--codes-out FILE.npy] [--no-verify]\n";
+    "                     [--threads N] [--device cpu|cuda] [--dtype auto|float32|bfloat16|float16]\n"
+    "                     [--codes-out FILE.npy] [--no-verify]\n";
 
 int64_t to_int(const std::string& flag, const std::string& v) {
   size_t used = 0;
@@ -82,7 +83,7 @@ int main(int argc, char** argv) {
     const std::vector<std::string> valued = {"--model", "--classes", "--out", "--per-class", "--batch-size", "--seed",
                                              "--cfg", "--iters", "--steps", "--gumbel", "--cfg-schedule",
                                              "--gumbel-schedule", "--temperature", "--threads", "--device",
-                                             "--codes-out"};
+                                             "--codes-out", "--dtype"};
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
       if (a == "-h" || a == "--help") {
@@ -111,6 +112,7 @@ int main(int argc, char** argv) {
     if (args.count("--greedy")) opt.greedy = true;
     if (args.count("--deterministic")) opt.deterministic = true;
     if (args.count("--device")) load.device = args["--device"];
+    if (args.count("--dtype")) opt.dtype = args["--dtype"];
     if (args.count("--no-verify")) load.verify = false;
     if (args.count("--threads")) {
       const int64_t t = to_int("--threads", args["--threads"]);

@@ -108,6 +108,26 @@ def test_bundled_codes_equal_python(programs, bundled, tmp_path, flags):
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bundled_autocast_codes_equal_python(programs, bundled, tmp_path, dtype):
+    """--dtype: the matmuls under autocast (thread-local in C++ as in Python) give Python's codes in that dtype too."""
+    model, _bae, d = bundled
+    got = cpp_codes(programs, d, tmp_path, "0,1,7,9", "--seed", "2", "--dtype", dtype)
+    assert np.array_equal(got, model.generate(torch.tensor([0, 1, 7, 9]), seed=2, dtype=dtype).numpy())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_codes_equal_python(programs, tmp_path, dtype):
+    """On a GPU: the C++ pipeline's CUDA path against the Python engine on the same device and dtype."""
+    model, bae = be.load_default(device="cuda")
+    d = export_cpp(model, bae, tmp_path / "m", class_names=model.class_names)
+    got = cpp_codes(programs, d, tmp_path / "o", "0,1,7,9", "--seed", "2", "--device", "cuda", "--dtype", dtype)
+    want = model.generate(torch.tensor([0, 1, 7, 9]), seed=2, dtype=dtype).cpu().numpy()
+    assert np.array_equal(got, want)
+
+
 def test_bundled_images_equal_bigr_generate(programs, bundled, tmp_path):
     """Pixels and file names of `bigr generate` (same classes by name, per-class and seed), across batch sizes."""
     model, bae, d = bundled
@@ -275,6 +295,7 @@ def test_bad_model_directories(programs, bundled, tmp_path):
 def test_bad_arguments(programs, bundled, tmp_path):
     _model, _bae, d = bundled
     for flags, needle in ((["--iters", "x"], "--iters takes an integer"), (["--bogus"], "unknown argument"),
+                          (["--dtype", "int8"], "dtype must be auto, float32, bfloat16 or float16, got 'int8'"),
                           (["--iters", "1000"], "iters must be in 1..64 (the token count), got 1000")):
         r = run_generate(programs, d, tmp_path / "o", "0", *flags)
         assert r.returncode == 2 and needle in r.stderr, r.stderr

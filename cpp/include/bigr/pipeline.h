@@ -44,6 +44,9 @@ struct GenerateOptions {
   std::optional<bool> greedy;                 // every draw is its mode, no Gumbel noise
   std::optional<int64_t> seed;                // 0..2^63-1
   std::vector<int64_t> sample_index;          // per image; empty: 0..B-1 (its position in the batch)
+  // The matmul precision under autocast (probabilities stay float32), as Python's `model.generate(dtype=...)`:
+  // "auto" (unset: bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
+  std::optional<std::string> dtype;
 };
 
 // The resolved options (every field set): the model's defaults with a GenerateOptions on top, checked.
