@@ -11,7 +11,7 @@ OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT/results"
 PY="${PYTHON:-python3}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")')}"
-STEPS="${STEPS:-build info selftest smoke cli tests memcheck racecheck bench_sampling bench_attention bench_attention_bwd bench_transcoder bench_generate bench_reuse bench_deploy bench_train}"
+STEPS="${STEPS:-build info selftest smoke cli tests memcheck racecheck bench_sampling bench_attention bench_attention_bwd bench_transcoder bench_generate bench_reuse bench_deploy bench_cpp bench_train}"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
@@ -40,6 +40,7 @@ step bench_attention_bwd 120 $PY bench/attention.py $B --dtype bfloat16 --batch 
 step bench_transcoder 120 $PY bench/transcoder.py $B --dtype bfloat16 --rows 32768 --dim 1024
 step bench_generate 400 $PY bench/generate.py $B --preset BiGR-L --batch 64 --repeats 2
 step bench_reuse 150 $PY bench/reuse.py time $B --preset BiGR-L --batch 64 --dtype bfloat16 --repeats 2 --configs exact fast
+step bench_cpp 120 $PY bench/cpp.py $B --batches 1,16 --repeats 5
 step bench_train 200 $PY bench/train.py $B --preset BiGR-L
 # TensorRT needs the `tensorrt` package, which the lent machine's image lacks and which is too large to carry there:
 # the step says so in one line instead of failing the run.
