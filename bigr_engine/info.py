@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -66,6 +67,15 @@ def _gpu_line(archs: str | None) -> str:
     return "\n            ".join(lines)
 
 
+def _cpp_api_line() -> str:
+    import bigr_engine
+    try:
+        prefix = Path(bigr_engine.cmake_prefix_path)
+    except Exception as e:   # BigrError: not installed
+        return f"not installed ({e})"
+    return f"{prefix.parents[1] / 'lib' / 'libbigr.so'} (find_package(bigr) with CMAKE_PREFIX_PATH={prefix})"
+
+
 def report() -> str:
     from bigr_engine._version import __version__
     from bigr_engine.ops.loader import build_info, extension_error, have_extension
@@ -81,6 +91,7 @@ def report() -> str:
         lines.append("            the engine runs its plain-PyTorch paths")
         return "\n".join(lines)
     lines.append(f"extension   {b['path']}, built against torch {b['torch_version']} with {b['compiler']}")
+    lines.append(f"c++ api     {_cpp_api_line()}")
     if b["with_cuda"]:
         lines.append(f"cuda kernels yes, CUDA {b.get('cuda_version') or '?'}, archs {b['cuda_archs']}")
     else:
