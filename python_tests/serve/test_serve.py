@@ -183,7 +183,19 @@ def test_overload_sheds_with_429_and_nothing_else_breaks(slow):
     assert slow.post("/v1/generate", {"classes": [1], **FAST}).status_code == 200
 
 
-def test_deadline_gives_504_and_drops_work(slow):
+class SlowerService(SlowService):
+    delay = 1.5   # longer than the deadline by itself, so the second job is still queued when its deadline passes
+
+
+@pytest.fixture
+def slower(models):
+    s = Server(SlowerService(*models, max_batch=1, max_wait_ms=0, max_queue=2, timeout_s=1.0))
+    yield s
+    s.stop()
+
+
+def test_deadline_gives_504_and_drops_work(slower):
+    slow = slower
     before = metric(slow, "bigr_images_total")
     with ThreadPoolExecutor(2) as pool:   # the queue holds 2: one runs, one waits past its deadline
         answers = list(pool.map(lambda i: slow.post("/v1/generate", {"classes": [i], "iters": 16, "steps": 25}),
