@@ -28,11 +28,13 @@ TORCH_LIBRARY(bigr, m) {
   // Bidirectional softmax attention with 2D RoPE: qkv (B, S, 3, H, d) float32/bfloat16/float16 (float64 on CPU),
   // cos/sin (S, d/2) float32 from rope_2d_table (row 0 zero: the condition-token quirk) -> out (B, S, H*d) in qkv's
   // dtype and the log-sum-exp of the scaled logits lse (B, H, S) float32 (float64 for float64), for the backward.
-  m.def("rope_attention(Tensor qkv, Tensor cos, Tensor sin) -> (Tensor out, Tensor lse)");
+  // key_mask (B, S) bool, optional: True for the keys that take part (SDPA's convention; False on a prompt's padding).
+  // Every row needs at least one kept key (the CPU kernel checks; on CUDA such a row averages all values).
+  m.def("rope_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor? key_mask=None) -> (Tensor out, Tensor lse)");
   // Its backward: grad_out (B, S, H*d) and the forward's out and lse -> grad_qkv (B, S, 3, H, d) (dq, dk turned back
   // through the rotation, dv).
-  m.def("rope_attention_backward(Tensor grad_out, Tensor qkv, Tensor cos, Tensor sin, Tensor out, Tensor lse) "
-        "-> Tensor");
+  m.def("rope_attention_backward(Tensor grad_out, Tensor qkv, Tensor cos, Tensor sin, Tensor out, Tensor lse, "
+        "Tensor? key_mask=None) -> Tensor");
   // Attention of A active rows against a persistent K/V cache (the state reuse of sampling): qkv (B, A, 3, H, d)
   // fresh projections at positions index (B, A) int64 (distinct per row, in [0, S)), k_cache and v_cache (B, H, S, d)
   // contiguous in qkv's dtype (keys stored rotated), cos/sin (S, d/2) float32. Writes the rotated k and the v of the

@@ -72,24 +72,27 @@ def unmask_topk(p0, index, k, codes, mask, gumbel_temp: float, seed, sample_inde
                                deterministic, seeds)
 
 
-def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Bidirectional softmax attention with 2D RoPE on q and k, fused (ops.reference.rope_attention_ref):
     qkv (B, S, 3, H, d) float32/bfloat16/float16, cos/sin (S, d/2) float32 from transformer.rope_2d_table
     -> out (B, S, H*d) in qkv's dtype, lse (B, H, S) float32. Differentiable in qkv; lse is not differentiable.
+    key_mask (B, S) bool, optional: True for the keys that take part (False on padding), at least one per row.
     As the transformer's attention: `attn_fn=lambda qkv, cos, sin: ops.rope_attention(qkv, cos, sin)[0]`."""
-    return torch.ops.bigr.rope_attention(qkv, cos, sin)
+    return torch.ops.bigr.rope_attention(qkv, cos, sin, key_mask)
 
 
-def fused_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def fused_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """rope_attention as the transformer's `attn_fn` (the output only)."""
-    return rope_attention(qkv, cos, sin)[0]
+    return rope_attention(qkv, cos, sin, key_mask)[0]
 
 
 CUDA_ATTENTION_HEAD_DIMS = (64, 128)   # the CUDA kernels' instantiations
 
 
 @_register_fake("bigr::rope_attention")
-def _(qkv, cos, sin):
+def _(qkv, cos, sin, key_mask=None):
     torch._check(qkv.dim() == 5 and qkv.shape[2] == 3, lambda: "rope_attention: qkv must be (B, S, 3, H, d)")
     B, S, _, H, d = qkv.shape
     lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
@@ -97,20 +100,20 @@ def _(qkv, cos, sin):
 
 
 @_register_fake("bigr::rope_attention_backward")
-def _(grad_out, qkv, cos, sin, out, lse):
+def _(grad_out, qkv, cos, sin, out, lse, key_mask=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _rope_attention_setup(ctx, inputs, output):
-    qkv, cos, sin = inputs
+    qkv, cos, sin, key_mask = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, cos, sin, out, lse)
+    ctx.save_for_backward(qkv, cos, sin, out, lse, key_mask)
     ctx.mark_non_differentiable(lse)
 
 
 def _rope_attention_backward(ctx, grad_out, grad_lse):
-    qkv, cos, sin, out, lse = ctx.saved_tensors
-    return torch.ops.bigr.rope_attention_backward(grad_out, qkv, cos, sin, out, lse), None, None
+    qkv, cos, sin, out, lse, key_mask = ctx.saved_tensors
+    return torch.ops.bigr.rope_attention_backward(grad_out, qkv, cos, sin, out, lse, key_mask), None, None, None
 
 
 if has_op("bigr::rope_attention"):

@@ -43,11 +43,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-def attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention with 2D RoPE. qkv (B, S, 3, H, d) -> (B, S, H*d)."""
+def attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bidirectional attention with 2D RoPE. qkv (B, S, 3, H, d) -> (B, S, H*d). key_mask (B, S) bool, optional: True
+    for the keys that take part (SDPA's convention), e.g. False on a prompt's padding tokens."""
     q, k, v = qkv.unbind(2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -197,15 +200,19 @@ def unmask_topk_ref(p0, index, k, codes, mask, gumbel_temp: float, seed: int, sa
     mask[rows, pos] = False
 
 
-def rope_attention_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_attention_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rope_attention op in plain PyTorch: transformer.attention_reference and the log-sum-exp of its scaled logits.
-    qkv (B, S, 3, H, d), cos/sin (S, d/2) -> out (B, S, H*d) in qkv's dtype, lse (B, H, S) float32 (float64 for
-    float64 qkv). Materialises the S x S logits: a test oracle, not a fast path."""
-    out = attention_reference(qkv, cos, sin)
+    qkv (B, S, 3, H, d), cos/sin (S, d/2), key_mask (B, S) bool or None -> out (B, S, H*d) in qkv's dtype, lse
+    (B, H, S) float32 (float64 for float64 qkv) over the kept keys. Materialises the S x S logits: a test oracle, not
+    a fast path."""
+    out = attention_reference(qkv, cos, sin, key_mask)
     q, k, _ = qkv.unbind(2)
     acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     q, k = apply_rope(q, cos, sin).to(acc), apply_rope(k, cos, sin).to(acc)
     logits = torch.einsum("bshd,bthd->bhst", q, k) / math.sqrt(qkv.shape[-1])
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
     return out, torch.logsumexp(logits, dim=-1)
 
 

@@ -18,9 +18,10 @@ inline c10::TypedOperatorHandle<Sig> handle(const char* name) {
 using T = at::Tensor;
 using OptT = std::optional<at::Tensor>;
 
-inline std::tuple<T, T> rope_attention(const T& qkv, const T& cos, const T& sin) {
-  static const auto op = handle<std::tuple<T, T>(const T&, const T&, const T&)>("bigr::rope_attention");
-  return op.call(qkv, cos, sin);
+inline std::tuple<T, T> rope_attention(const T& qkv, const T& cos, const T& sin, const OptT& key_mask = std::nullopt) {
+  static const auto op =
+      handle<std::tuple<T, T>(const T&, const T&, const T&, const OptT&)>("bigr::rope_attention");
+  return op.call(qkv, cos, sin, key_mask);
 }
 
 inline std::tuple<T, T, T> ln_modulate(const T& x, const T& shift, const T& scale, double eps) {

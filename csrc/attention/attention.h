@@ -36,6 +36,15 @@ inline AttnDims check_rope_attention_inputs(const char* op, const at::Tensor& qk
   return d;
 }
 
+// key_mask (B, S) bool on qkv's device: True for the keys that take part.
+inline void check_key_mask(const char* op, const at::Tensor& key_mask, const AttnDims& d, const at::Tensor& qkv) {
+  BIGR_CHECK(key_mask.dim() == 2 && key_mask.size(0) == d.B && key_mask.size(1) == d.S, op,
+             ": key_mask must be (B, S) = (", d.B, ", ", d.S, "), one flag per key, got ", key_mask.sizes());
+  BIGR_CHECK(key_mask.scalar_type() == at::kBool, op, ": key_mask must be bool (True = the key takes part), got ",
+             key_mask.scalar_type());
+  check_same_device(op, qkv, key_mask);
+}
+
 inline void check_rope_attention_backward_inputs(const char* op, const AttnDims& d, const at::Tensor& qkv,
                                                  const at::Tensor& grad_out, const at::Tensor& out,
                                                  const at::Tensor& lse) {

@@ -450,15 +450,32 @@ void prepare_kv(const QkvView<scalar_t>& x, const float* cs, const float* sn, in
 
 // One block of nr query rows (q: rotated, rows of Dp) attends over S keys (kt, v as prepare_kv lays them out) with the
 // online softmax, C keys at a time: -> o (R rows of Dp, not yet divided by l), m (running max) and l (running sum).
+// A masked key's score: finite, so that a block whose keys are all masked leaves the running max finite (no
+// exp(-inf - -inf)), and so low that its weight underflows (to the polynomial exp's floor, 1.6e-38 of a kept key's)
+// once any kept key is seen; every row has one (checked).
+template <typename T>
+constexpr T kMaskedScore = T(-1e30);
+
+// Scores of masked keys: columns c0 + j with keep[c0 + j] == 0 (keep null: none masked), in R rows of ld.
+template <typename T>
+void mask_columns(T* s, int64_t ld, int64_t nr, const uint8_t* keep, int64_t c0, int nc) {
+  if (keep == nullptr) return;
+  for (int j = 0; j < nc; ++j)
+    if (!keep[c0 + j])
+      for (int64_t r = 0; r < nr; ++r) s[r * ld + j] = kMaskedScore<T>;
+}
+
+// keep (S,) of this batch row, null for none masked.
 template <typename T>
 void attend_block(const T* q, const T* kt, const T* v, int64_t nr, int64_t S, int64_t Sp, int64_t D, int64_t Dp,
-                  int64_t R, int64_t C, T scale, T* s, T* o, T* m, T* l, T* corr) {
+                  int64_t R, int64_t C, T scale, T* s, T* o, T* m, T* l, T* corr, const uint8_t* keep = nullptr) {
   std::fill(o, o + R * Dp, T(0));
   std::fill(m, m + R, -std::numeric_limits<T>::infinity());
   std::fill(l, l + R, T(0));
   for (int64_t c0 = 0; c0 < S; c0 += C) {
     const int nc = static_cast<int>(std::min(C, S - c0)), ncp = static_cast<int>(round_up(nc, VL));
     Prim<T>::score(q, Dp, kt + c0, Sp, s, C, nr, ncp, D, scale);
+    mask_columns(s, C, nr, keep, c0, nc);
     Prim<T>::softmax_step(s, C, nr, nc, ncp, m, l, corr);
     Prim<T>::acc(o, Dp, corr, s, C, v + c0 * Dp, Dp, nr, nc, Dp);
   }
@@ -466,7 +483,7 @@ void attend_block(const T* q, const T* kt, const T* v, int64_t nr, int64_t S, in
 
 template <typename scalar_t, typename T>
 void forward_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const AttnDims& d,
-                  at::Tensor& out, at::Tensor& lse) {
+                  const uint8_t* keep, at::Tensor& out, at::Tensor& lse) {
   const int64_t S = d.S, H = d.H, D = d.D, half = D / 2, BH = d.B * H;
   const int64_t Dp = round_up(D, VL), Sp = round_up(S, VL);
   const QkvView<scalar_t> x = qkv_view<scalar_t>(qkv);
@@ -498,7 +515,7 @@ void forward_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
       }
       for (int64_t r = 0; r < nr; ++r)
         rope_row(x.row(b, r0 + r, 0, h), cs + (r0 + r) * half, sn + (r0 + r) * half, half, q + r * Dp);
-      attend_block(q, kt, v, nr, S, Sp, D, Dp, R, C, scale, s, o, m, l, corr);
+      attend_block(q, kt, v, nr, S, Sp, D, Dp, R, C, scale, s, o, m, l, corr, keep ? keep + b * S : nullptr);
       for (int64_t r = 0; r < nr; ++r) {
         const T inv = T(1) / l[r];
         scalar_t* dst = o_out + ((b * S + r0 + r) * H + h) * D;
@@ -511,7 +528,8 @@ void forward_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
 
 template <typename scalar_t, typename T>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                   const at::Tensor& out, const at::Tensor& lse, const AttnDims& d, at::Tensor& grad) {
+                   const at::Tensor& out, const at::Tensor& lse, const AttnDims& d, const uint8_t* keep_all,
+                   at::Tensor& grad) {
   const int64_t S = d.S, H = d.H, D = d.D, half = D / 2, BH = d.B * H;
   const int64_t Dp = round_up(D, VL), Sp = round_up(S, VL);
   const QkvView<scalar_t> x = qkv_view<scalar_t>(qkv);
@@ -541,6 +559,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& qkv, const at::
       const bool dq_pass = task % 2 == 0;
       const int64_t t = task / 2, bh = t / blk.nrb, b = bh / H, h = bh % H;
       const int64_t r0 = (t % blk.nrb) * R, nr = std::min(R, S - r0);
+      const uint8_t* keep = keep_all ? keep_all + b * S : nullptr;
       if (bh != ready) {
         for (int64_t i = 0; i < S; ++i) {
           rope_row(x.row(b, i, 0, h), cs + i * half, sn + i * half, half, Q + i * Dp);
@@ -575,12 +594,16 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& qkv, const at::
         const int nc = static_cast<int>(std::min(C, S - c0)), ncp = static_cast<int>(round_up(nc, VL));
         if (dq_pass) {  // p = exp(q k^T * scale - lse), dp = dO v^T, ds = p (dp - delta), dq' += ds k
           Prim<T>::score(Q + r0 * Dp, Dp, Kt + c0, Sp, s, C, nr, ncp, D, scale);
+          mask_columns(s, C, nr, keep, c0, nc);   // masked keys: p = 0
           Prim<T>::template exp_lse<false>(s, C, nr, ncp, lse_p + r0);
           Prim<T>::score(dO + r0 * Dp, Dp, Vt + c0, Sp, dp, C, nr, ncp, D, T(1));
           Prim<T>::template dscore<false>(s, dp, C, nr, ncp, delta + r0);
           Prim<T>::acc(acc1, Dp, nullptr, s, C, K + c0 * Dp, Dp, nr, nc, Dp);
         } else {  // transposed: p^T = exp(k q^T * scale - lse), dv += p^T dO, dp^T = v dO^T, dk' += ds^T q
           Prim<T>::score(K + r0 * Dp, Dp, Qt + c0, Sp, s, C, nr, ncp, D, scale);
+          if (keep)   // this task's rows are keys: a masked one gets p = 0 from every query, so dk = dv = 0
+            for (int64_t r = 0; r < nr; ++r)
+              if (!keep[r0 + r]) std::fill(s + r * C, s + r * C + nc, kMaskedScore<T>);
           Prim<T>::template exp_lse<true>(s, C, nr, ncp, lse_p + c0);
           Prim<T>::acc(acc2, Dp, nullptr, s, C, dO + c0 * Dp, Dp, nr, nc, Dp);
           Prim<T>::score(V + r0 * Dp, Dp, dOt + c0, Sp, dp, C, nr, ncp, D, T(1));
@@ -684,30 +707,47 @@ using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, floa
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// The key mask as bytes (B, S), or null; every row keeps at least one key (an all-masked row has no softmax).
+const uint8_t* key_mask_bytes(const char* op, const std::optional<at::Tensor>& key_mask, const AttnDims& d,
+                              const at::Tensor& qkv, at::Tensor& hold) {
+  if (!key_mask.has_value()) return nullptr;
+  check_key_mask(op, *key_mask, d, qkv);
+  hold = key_mask->to(at::kByte).contiguous();
+  if (d.B * d.S > 0)
+    BIGR_CHECK(hold.amax(1).min().item<uint8_t>() != 0, op, ": key_mask masks every key of a row; keep at least "
+               "one (the image tokens) per row");
+  return hold.data_ptr<uint8_t>();
+}
+
 std::tuple<at::Tensor, at::Tensor> rope_attention_cpu(const at::Tensor& qkv_in, const at::Tensor& cos_in,
-                                                      const at::Tensor& sin_in) {
+                                                      const at::Tensor& sin_in,
+                                                      const std::optional<at::Tensor>& key_mask) {
   const AttnDims d = check_rope_attention_inputs("rope_attention", qkv_in, cos_in, sin_in);
+  at::Tensor keep_hold;
+  const uint8_t* keep = key_mask_bytes("rope_attention", key_mask, d, qkv_in, keep_hold);
   const at::Tensor qkv = last_dim_contiguous(qkv_in), cos = cos_in.contiguous(), sin = sin_in.contiguous();
   at::Tensor out = at::empty({d.B, d.S, d.H * d.D}, qkv.options());
   at::Tensor lse = at::empty({d.B, d.H, d.S}, qkv.options().dtype(attention_lse_dtype(qkv.scalar_type())));
   if (out.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_attention_cpu", [&] {
-    forward_impl<scalar_t, math_t<scalar_t>>(qkv, cos, sin, d, out, lse);
+    forward_impl<scalar_t, math_t<scalar_t>>(qkv, cos, sin, d, keep, out, lse);
   });
   return {out, lse};
 }
 
 at::Tensor rope_attention_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
                                        const at::Tensor& cos_in, const at::Tensor& sin_in, const at::Tensor& out_in,
-                                       const at::Tensor& lse_in) {
+                                       const at::Tensor& lse_in, const std::optional<at::Tensor>& key_mask) {
   const AttnDims d = check_rope_attention_inputs("rope_attention_backward", qkv_in, cos_in, sin_in);
   check_rope_attention_backward_inputs("rope_attention_backward", d, qkv_in, grad_out_in, out_in, lse_in);
+  at::Tensor keep_hold;
+  const uint8_t* keep = key_mask_bytes("rope_attention_backward", key_mask, d, qkv_in, keep_hold);
   const at::Tensor qkv = last_dim_contiguous(qkv_in), cos = cos_in.contiguous(), sin = sin_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor grad = at::empty({d.B, d.S, 3, d.H, d.D}, qkv.options());
   if (grad.numel() == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_attention_backward_cpu", [&] {
-    backward_impl<scalar_t, math_t<scalar_t>>(grad_out, qkv, cos, sin, out, lse, d, grad);
+    backward_impl<scalar_t, math_t<scalar_t>>(grad_out, qkv, cos, sin, out, lse, d, keep, grad);
   });
   return grad;
 }

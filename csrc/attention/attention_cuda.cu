@@ -183,6 +183,14 @@ struct QkvStrides {
   int64_t sB, sS, s3, sH;
 };
 
+// The key mask (rope_attention's key_mask, B x S bytes; null: every key takes part). A masked key's logit is finite
+// and far below any real one: a tile of only masked keys keeps the running max finite (no inf - inf), and the next
+// tile with a kept key rescales its weights to exactly 0 (exp2f underflows). The backward gives it p = 0.
+constexpr float kMaskedLogit = -1e30f;
+__device__ __forceinline__ bool kept(const uint8_t* __restrict__ keep, int b, int S, int key) {
+  return keep == nullptr || key >= S || keep[static_cast<int64_t>(b) * S + key] != 0;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Tensor-core kernels (bfloat16, float16).
 
@@ -191,7 +199,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) fwd_tc_kernel(const T* __restrict__ qkv, QkvStrides st,
                                                           const float* __restrict__ cos, const float* __restrict__ sin,
                                                           T* __restrict__ out, float* __restrict__ lse, int S, int H,
-                                                          float scale_log2) {
+                                                          float scale_log2, const uint8_t* __restrict__ keep) {
   constexpr int BN = 64, LDS = D + 8, KC = D / 16, ND = D / 8, NS = BN / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
@@ -233,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) fwd_tc_kernel(const T* __restrict__ 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = k0 + nt * 8 + 2 * t + (e & 1);
-        const float v = col < S ? sc[nt][e] * scale_log2 : -INFINITY;
+        const float v = col < S ? (kept(keep, b, S, col) ? sc[nt][e] * scale_log2 : kMaskedLogit) : -INFINITY;
         sc[nt][e] = v;
         mx[e >> 1] = fmaxf(mx[e >> 1], v);
       }
@@ -293,7 +301,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_tc_kernel(const T* __restrict
                                                              const T* __restrict__ gout,
                                                              const float* __restrict__ lse,
                                                              const float* __restrict__ delta, T* __restrict__ grad,
-                                                             int S, int H, float scale, float scale_log2) {
+                                                             int S, int H, float scale, float scale_log2,
+                                                             const uint8_t* __restrict__ keep) {
   constexpr int BN = 64, LDS = D + 8, KC = D / 16, ND = D / 8, NS = BN / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
@@ -347,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_tc_kernel(const T* __restrict
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = k0 + nt * 8 + 2 * t + (e & 1);
-        const float pe = col < S ? exp2f(p[nt][e] * scale_log2 - lse2[e >> 1]) : 0.f;
+        const float pe = col < S && kept(keep, b, S, col) ? exp2f(p[nt][e] * scale_log2 - lse2[e >> 1]) : 0.f;
         p[nt][e] = pe * (dp[nt][e] - dl[e >> 1]);  // dS
       }
 #pragma unroll
@@ -392,7 +401,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_tc_kernel(const T* __restri
                                                                const float* __restrict__ lse,
                                                                const float* __restrict__ delta,
                                                                T* __restrict__ grad, int S, int H, float scale,
-                                                               float scale_log2) {
+                                                               float scale_log2, const uint8_t* __restrict__ keep) {
   constexpr int LDS = D + 8, KC = D / 16, ND = D / 8, NS = BN / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
@@ -449,7 +458,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_tc_kernel(const T* __restri
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int jj = nt * 8 + 2 * t + (e & 1);
-        const float pe = q0 + jj < S ? exp2f(p[nt][e] * scale_log2 - sL[jj]) : 0.f;
+        const float pe = q0 + jj < S && kept(keep, b, S, k0 + warp * 16 + g + 8 * (e >> 1))
+                             ? exp2f(p[nt][e] * scale_log2 - sL[jj]) : 0.f;   // rows are keys
         p[nt][e] = pe;
         dp[nt][e] = pe * (dp[nt][e] - sD[jj]);  // dS^T
       }
@@ -567,7 +577,8 @@ template <int D>
 __global__ void __launch_bounds__(kThreads) fwd_simt_kernel(const float* __restrict__ qkv, QkvStrides st,
                                                             const float* __restrict__ cos,
                                                             const float* __restrict__ sin, float* __restrict__ out,
-                                                            float* __restrict__ lse, int S, int H, float scale_log2) {
+                                                            float* __restrict__ lse, int S, int H, float scale_log2,
+                                                            const uint8_t* __restrict__ keep) {
   constexpr int TPR = D / 32, ROWS = kThreads / TPR, BN = kSimtCols;
   extern __shared__ __align__(16) unsigned char smem[];
   float* sK = reinterpret_cast<float*>(smem);
@@ -592,7 +603,7 @@ __global__ void __launch_bounds__(kThreads) fwd_simt_kernel(const float* __restr
 #pragma unroll
       for (int i = 0; i < 32; ++i) a += q[i] * sK[j * D + r + TPR * i];
       a = row_sum<TPR>(a);
-      sc[j] = k0 + j < S ? a * scale_log2 : -INFINITY;
+      sc[j] = k0 + j < S ? (kept(keep, b, S, k0 + j) ? a * scale_log2 : kMaskedLogit) : -INFINITY;
       mx = fmaxf(mx, sc[j]);
     }
     const float m_new = fmaxf(m, mx), corr = exp2f(m - m_new);
@@ -625,7 +636,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_simt_kernel(const float* __re
                                                                const float* __restrict__ lse,
                                                                const float* __restrict__ delta,
                                                                float* __restrict__ grad, int S, int H, float scale,
-                                                               float scale_log2) {
+                                                               float scale_log2, const uint8_t* __restrict__ keep) {
   constexpr int TPR = D / 32, ROWS = kThreads / TPR, BN = kSimtCols;
   extern __shared__ __align__(16) unsigned char smem[];
   float* sK = reinterpret_cast<float*>(smem);
@@ -655,7 +666,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_simt_kernel(const float* __re
       }
       a = row_sum<TPR>(a);
       dp = row_sum<TPR>(dp);
-      const float p = k0 + j < S ? exp2f(a * scale_log2 - lse2) : 0.f;
+      const float p = k0 + j < S && kept(keep, b, S, k0 + j) ? exp2f(a * scale_log2 - lse2) : 0.f;
       const float ds = p * (dp - dl);
 #pragma unroll
       for (int i = 0; i < 32; ++i) dq[i] += ds * sK[j * D + r + TPR * i];
@@ -672,7 +683,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_simt_kernel(const float* __
                                                                  const float* __restrict__ lse,
                                                                  const float* __restrict__ delta,
                                                                  float* __restrict__ grad, int S, int H, float scale,
-                                                                 float scale_log2) {
+                                                                 float scale_log2, const uint8_t* __restrict__ keep) {
   constexpr int TPR = D / 32, ROWS = kThreads / TPR, BN = kSimtCols;
   extern __shared__ __align__(16) unsigned char smem[];
   float* sQ = reinterpret_cast<float*>(smem);
@@ -708,7 +719,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_simt_kernel(const float* __
       }
       a = row_sum<TPR>(a);
       dp = row_sum<TPR>(dp);
-      const float p = q0 + j < S ? exp2f(a * scale_log2 - sL[j]) : 0.f;
+      const float p = q0 + j < S && kept(keep, b, S, s) ? exp2f(a * scale_log2 - sL[j]) : 0.f;   // s: this key
       const float ds = p * (dp - sD[j]);
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
@@ -781,7 +792,7 @@ void check_cuda_support(const char* op, const AttnDims& d, at::ScalarType dtype)
 
 template <typename T, int D>
 void forward_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const AttnDims& d,
-                  at::Tensor& out, at::Tensor& lse) {
+                  const uint8_t* keep, at::Tensor& out, at::Tensor& lse) {
   const int S = static_cast<int>(d.S), H = static_cast<int>(d.H);
   const float scale_log2 = static_cast<float>(kLog2e / std::sqrt(static_cast<double>(D)));
   const auto* x = reinterpret_cast<const T*>(qkv.data_ptr());
@@ -790,17 +801,18 @@ void forward_cuda(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
     constexpr int rows = kThreads / (D / 32);
     const dim3 grid((S + rows - 1) / rows, H, d.B);
     launch(fwd_simt_kernel<D>, grid, 2 * kSimtCols * D * sizeof(float), x, qkv_strides(qkv), cos.data_ptr<float>(),
-           sin.data_ptr<float>(), o, lse.data_ptr<float>(), S, H, scale_log2);
+           sin.data_ptr<float>(), o, lse.data_ptr<float>(), S, H, scale_log2, keep);
   } else {
     const dim3 grid((S + kRows - 1) / kRows, H, d.B);
     launch(fwd_tc_kernel<T, D>, grid, 2 * 64 * (D + 8) * sizeof(T), x, qkv_strides(qkv), cos.data_ptr<float>(),
-           sin.data_ptr<float>(), o, lse.data_ptr<float>(), S, H, scale_log2);
+           sin.data_ptr<float>(), o, lse.data_ptr<float>(), S, H, scale_log2, keep);
   }
 }
 
 template <typename T, int D>
 void backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                   const at::Tensor& lse, const at::Tensor& delta, const AttnDims& d, at::Tensor& grad) {
+                   const at::Tensor& lse, const at::Tensor& delta, const AttnDims& d, const uint8_t* keep,
+                   at::Tensor& grad) {
   const int S = static_cast<int>(d.S), H = static_cast<int>(d.H);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   const float scale_log2 = scale * kLog2e;
@@ -815,37 +827,52 @@ void backward_cuda(const at::Tensor& grad_out, const at::Tensor& qkv, const at::
     constexpr int rows = kThreads / (D / 32);
     const dim3 grid((S + rows - 1) / rows, H, d.B);
     launch(bwd_dq_simt_kernel<D>, grid, 2 * kSimtCols * D * sizeof(float), x, qkv_strides(qkv), cs, sn, go, ls, dl,
-           gr, S, H, scale, scale_log2);
+           gr, S, H, scale, scale_log2, keep);
     launch(bwd_dkdv_simt_kernel<D>, grid, (2 * kSimtCols * D + 2 * kSimtCols) * sizeof(float), x, qkv_strides(qkv),
-           cs, sn, go, ls, dl, gr, S, H, scale, scale_log2);
+           cs, sn, go, ls, dl, gr, S, H, scale, scale_log2, keep);
   } else {
     const dim3 grid((S + kRows - 1) / kRows, H, d.B);
     launch(bwd_dq_tc_kernel<T, D>, grid, 4 * 64 * (D + 8) * sizeof(T), x, qkv_strides(qkv), cs, sn, go, ls, dl, gr, S,
-           H, scale, scale_log2);
+           H, scale, scale_log2, keep);
     constexpr int BN = D == 128 ? 32 : 64;  // keeps dk, dv and two score tiles in registers
     launch(bwd_dkdv_tc_kernel<T, D, BN>, grid, (2 * 64 + 2 * BN) * (D + 8) * sizeof(T) + 2 * BN * sizeof(float), x,
-           qkv_strides(qkv), cs, sn, go, ls, dl, gr, S, H, scale, scale_log2);
+           qkv_strides(qkv), cs, sn, go, ls, dl, gr, S, H, scale, scale_log2, keep);
   }
 }
 
+// The key mask's bytes (B, S) on the device, or null. Rows that mask every key are not detected here (that needs a
+// host sync): such a row averages all values.
+const uint8_t* key_mask_bytes(const char* op, const std::optional<at::Tensor>& key_mask, const AttnDims& d,
+                              const at::Tensor& qkv, at::Tensor& hold) {
+  if (!key_mask.has_value()) return nullptr;
+  check_key_mask(op, *key_mask, d, qkv);
+  hold = key_mask->contiguous();
+  return reinterpret_cast<const uint8_t*>(hold.data_ptr());
+}
+
 std::tuple<at::Tensor, at::Tensor> rope_attention_cuda(const at::Tensor& qkv_in, const at::Tensor& cos_in,
-                                                       const at::Tensor& sin_in) {
+                                                       const at::Tensor& sin_in,
+                                                       const std::optional<at::Tensor>& key_mask) {
   const AttnDims d = check_rope_attention_inputs("rope_attention", qkv_in, cos_in, sin_in);
+  at::Tensor keep_hold;
+  const uint8_t* keep = key_mask_bytes("rope_attention", key_mask, d, qkv_in, keep_hold);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   check_cuda_support("rope_attention", d, qkv_in.scalar_type());
   const at::Tensor qkv = vector_ready(qkv_in), cos = cos_in.contiguous(), sin = sin_in.contiguous();
   at::Tensor out = at::empty({d.B, d.S, d.H * d.D}, qkv.options());
   at::Tensor lse = at::empty({d.B, d.H, d.S}, qkv.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  dispatch(qkv.scalar_type(), d.D, [&]<typename T, int D>() { forward_cuda<T, D>(qkv, cos, sin, d, out, lse); });
+  dispatch(qkv.scalar_type(), d.D, [&]<typename T, int D>() { forward_cuda<T, D>(qkv, cos, sin, d, keep, out, lse); });
   return {out, lse};
 }
 
 at::Tensor rope_attention_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
                                         const at::Tensor& cos_in, const at::Tensor& sin_in, const at::Tensor& out,
-                                        const at::Tensor& lse_in) {
+                                        const at::Tensor& lse_in, const std::optional<at::Tensor>& key_mask) {
   const AttnDims d = check_rope_attention_inputs("rope_attention_backward", qkv_in, cos_in, sin_in);
   check_rope_attention_backward_inputs("rope_attention_backward", d, qkv_in, grad_out_in, out, lse_in);
+  at::Tensor keep_hold;
+  const uint8_t* keep = key_mask_bytes("rope_attention_backward", key_mask, d, qkv_in, keep_hold);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   check_cuda_support("rope_attention_backward", d, qkv_in.scalar_type());
   const at::Tensor qkv = vector_ready(qkv_in), cos = cos_in.contiguous(), sin = sin_in.contiguous();
@@ -859,7 +886,7 @@ at::Tensor rope_attention_backward_cuda(const at::Tensor& grad_out_in, const at:
                                .transpose(1, 2)
                                .contiguous();
   dispatch(qkv.scalar_type(), d.D, [&]<typename T, int D>() {
-    backward_cuda<T, D>(grad_out, qkv, cos, sin, lse, delta, d, grad);
+    backward_cuda<T, D>(grad_out, qkv, cos, sin, lse, delta, d, keep, grad);
   });
   return grad;
 }
