@@ -65,6 +65,8 @@ def export_cpp(model, bae, out, class_names=None, sampling=None) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BigrError(f"--out {out} exists and is not an empty folder; pass a new folder")
     cfg = model.cfg
+    if cfg.is_text:
+        raise BigrError("bigr export cpp takes class-conditional models; text models are not exported yet")
     if bae is not None and (bae.bits != cfg.bits or bae.cfg.grid ** 2 != cfg.num_tokens):
         raise BigrError(f"the tokenizer makes {bae.cfg.grid ** 2} tokens of {bae.bits} bits, the model takes "
                         f"{cfg.num_tokens} of {cfg.bits}: pass the tokenizer the model was trained with")

@@ -80,6 +80,8 @@ def export_onnx(model, bae, out, dtype: str = "float32", opset: int = DEFAULT_OP
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BigrError(f"{out} exists and is not an empty folder; pass a new folder for the export")
     cfg = model.cfg
+    if cfg.is_text:
+        raise BigrError("bigr export onnx takes class-conditional models; text models are not exported yet")
     if bae is not None:
         from bigr_engine.io.checkpoints import check_pair
         check_pair(model, bae)

@@ -100,7 +100,7 @@ def load_bigr(path, preset: str | None = None, device="cpu", dtype=torch.float32
     """A BiGR model from a released `.pt` (its 'ema' weights) or from our `.safetensors`."""
     sd, meta = read_checkpoint(path)
     if meta is not None:
-        if meta.get("kind") != "bigr":
+        if meta.get("kind") not in ("bigr", "bigr-text"):
             raise CheckpointError(f"{path} holds a {meta.get('kind')} model, not BiGR; pass it as the tokenizer (--bae) instead")
         cfg = BiGRConfig.from_dict(json.loads(meta["config"]))
     else:
@@ -154,7 +154,7 @@ def load_bae(path, preset: str | None = None, device="cpu", dtype=torch.float32,
 def save_model(model, dst) -> Path:
     """Write safetensors (config in its metadata) plus a JSON config beside it, atomically."""
     from safetensors.torch import save
-    kind = "bigr" if isinstance(model, BiGR) else "bae"
+    kind = "bae" if not isinstance(model, BiGR) else ("bigr-text" if model.cfg.is_text else "bigr")
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         dst = dst.with_suffix(".safetensors")
@@ -181,7 +181,7 @@ def detect_kind(path) -> str:
 def convert(src, dst, **bae_overrides) -> Path:
     """Released file (or ours) -> our safetensors + JSON. Which model it is, is read off the keys."""
     kind = detect_kind(src)
-    model = load_bigr(src) if kind == "bigr" else load_bae(src, **bae_overrides)
+    model = load_bigr(src) if kind in ("bigr", "bigr-text") else load_bae(src, **bae_overrides)
     return save_model(model, dst)
 
 

@@ -39,7 +39,10 @@ class BiGRNetwork(nn.Module):
 
     # ---- checks on user input -------------------------------------------------------------
     def check_labels(self, labels) -> torch.Tensor:
-        """Class ids, class names (["Sneaker", "Bag"], as the CLI takes them), or (B, C+1) class weights."""
+        """Class ids, class names (["Sneaker", "Bag"], as the CLI takes them), or (B, C+1) class weights. A text model:
+        prompts (encoded by its `text_encoder`) or condition tensors (B, L, 1 + text_dim) (models.text)."""
+        if self.cfg.is_text:
+            return self._check_text(labels)
         if isinstance(labels, str):
             labels = [labels]
         if isinstance(labels, (list, tuple)) and any(isinstance(x, str) for x in labels):
@@ -55,6 +58,29 @@ class BiGRNetwork(nn.Module):
             raise BigrError(f"class id {int(bad[0])} is out of range: this model has classes 0..{self.cfg.num_classes - 1} "
                             f"(and {self.cfg.num_classes} for the null class)")
         return labels
+
+    def _check_text(self, labels) -> torch.Tensor:
+        L, dim = self.cfg.text_tokens, self.cfg.text_dim
+        if isinstance(labels, str) or (isinstance(labels, (list, tuple)) and labels and
+                                       all(isinstance(p, str) for p in labels)):
+            encoder = getattr(self, "text_encoder", None)
+            if encoder is None:
+                raise BigrError("this text model has no text encoder attached; load it with its encoder "
+                                "(model.text_encoder = models.text.load_text_encoder(...)) or pass condition tensors")
+            from bigr_engine.models.text import pack_condition
+            emb, mask = encoder([labels] if isinstance(labels, str) else list(labels))
+            labels = pack_condition(emb, mask)
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 3 or labels.shape[1:] != (L, 1 + dim):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise BigrError(f"a text model takes prompts (strings) or condition tensors (B, {L}, {1 + dim}) from "
+                            f"models.text.pack_condition, got {got}")
+        return labels.to(self.device, torch.float32)
+
+    def null_condition(self, batch: int) -> torch.Tensor:
+        """The null condition of `batch` rows: the null class, or a text model's empty prompt."""
+        if self.cfg.is_text:
+            return self.transformer.null_text.expand(batch, -1, -1)
+        return torch.full((batch,), self.cfg.null_class, dtype=torch.long)
 
     def check_codes(self, codes, mask=None):
         N, K = self.cfg.num_tokens, self.cfg.bits
@@ -82,9 +108,10 @@ class BiGRNetwork(nn.Module):
         if not 0 <= layer < self.cfg.n_layer:
             raise BigrError(f"layer {layer} is out of range: this model has layers 0..{self.cfg.n_layer - 1}")
         if labels is None:
-            labels = torch.full((codes.shape[0],), self.cfg.null_class, dtype=torch.long)
+            labels = self.null_condition(codes.shape[0])
         mask = torch.zeros(codes.shape[:2], dtype=torch.bool, device=self.device)
-        return self.transformer(codes.to(self.device), mask, self.check_labels(labels), last_layer=layer)[:, 1:]
+        out = self.transformer(codes.to(self.device), mask, self.check_labels(labels), last_layer=layer)
+        return out[:, self.cfg.cond_tokens:]
 
     def default_layer(self) -> int:
         """The representation layer (0-based) used when none is given: the paper's for the released sizes (its 10th,

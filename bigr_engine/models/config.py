@@ -43,10 +43,20 @@ class BiGRConfig:
     train_steps: int = 256         # T of the Bernoulli diffusion
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    # Text conditioning (the paper's appendix B): text_dim > 0 replaces the class token by up to text_tokens
+    # embeddings from a text encoder of that width, projected by an MLP and placed before the image tokens.
+    text_dim: int = 0              # 0: class-conditional
+    text_tokens: int = 0           # L, the text positions (left-padded prompts)
 
     def __post_init__(self):
         if not self.ffn_dim:
             self.ffn_dim = ffn_hidden(self.dim)
+        if (self.text_dim > 0) != (self.text_tokens > 0):
+            raise BigrError(f"a text model needs both text_dim and text_tokens (got {self.text_dim} and "
+                            f"{self.text_tokens}); a class model neither")
+        if self.text_dim and self.use_adaln:
+            raise BigrError("a text model conditions through its text tokens only (the paper's appendix B): pass "
+                            "use_adaln=False")
         if self.dim % self.n_head:
             raise BigrError(f"width {self.dim} is not divisible by {self.n_head} heads; pass n_head so that dim/n_head is an integer")
         if (self.dim // self.n_head) % 4:
@@ -66,6 +76,15 @@ class BiGRConfig:
     @property
     def null_class(self) -> int:
         return self.num_classes
+
+    @property
+    def is_text(self) -> bool:
+        return self.text_dim > 0
+
+    @property
+    def cond_tokens(self) -> int:
+        """Positions before the image tokens: the class token, or the text tokens."""
+        return self.text_tokens if self.is_text else 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -123,3 +123,24 @@ def load_text_encoder(spec: str = "minilm", max_tokens: int = MAX_TEXT_TOKENS, d
     if spec == "minilm":
         return minilm(max_tokens, device)
     return hf_encoder(spec, max_tokens, device)
+
+
+# ---- the text condition as one tensor ----------------------------------------------------------------------------
+# A text model's condition travels through the samplers where a class model's labels do (batched, concatenated with
+# the null condition for CFG, repeated per branch), so it is one float tensor (B, L, 1 + dim): channel 0 is the
+# token mask (1.0 for a real token, 0.0 for padding), channels 1.. the encoder's embedding.
+
+def pack_condition(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, dim) embeddings and (B, L) bool mask -> the condition tensor (B, L, 1 + dim) float32."""
+    if embeddings.dim() != 3 or mask.shape != embeddings.shape[:2]:
+        raise BigrError(f"text embeddings must be (B, L, dim) with a (B, L) mask, got {tuple(embeddings.shape)} and "
+                        f"{tuple(mask.shape)}")
+    if not bool(mask.any(1).all()):
+        raise BigrError("every prompt needs at least one token in its mask (an encoder's empty prompt has two: "
+                        "[CLS] and [SEP])")
+    return torch.cat([mask[..., None].float(), embeddings.float()], -1)
+
+
+def unpack_condition(cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The condition tensor -> (embeddings (B, L, dim), mask (B, L) bool)."""
+    return cond[..., 1:], cond[..., 0] > 0.5

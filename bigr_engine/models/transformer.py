@@ -57,8 +57,11 @@ class Block(nn.Module):
         if cfg.use_adaln:
             self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, cfg.dim))
 
-    def forward(self, x, ada, cos, sin, attn_fn=attention_reference):
-        return self.after_attention(x, attn_fn(self.qkv(x, ada), cos, sin), ada)
+    def forward(self, x, ada, cos, sin, attn_fn=attention_reference, key_mask=None):
+        """key_mask (B, S) bool or None: the keys that take part (a text model's padding does not)."""
+        qkv = self.qkv(x, ada)
+        attn = attn_fn(qkv, cos, sin) if key_mask is None else attn_fn(qkv, cos, sin, key_mask)
+        return self.after_attention(x, attn, ada)
 
     # The block in two halves around the attention, so a sampler can run them on a subset of rows (sampling.reuse):
     # every op in them is per row.
@@ -92,13 +95,32 @@ class ClassEmbedding(nn.Module):
         return self.embedding_table(labels)[:, None]
 
 
+class TextProjection(nn.Module):
+    """The text model's projection of the encoder's embeddings to the transformer's width: an MLP (LlamaGen's caption
+    embedder: Linear, GELU (tanh), Linear), applied per token."""
+
+    def __init__(self, text_dim: int, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+
+    def forward(self, embeddings):
+        return self.mlp(embeddings.to(self.mlp[0].weight.dtype))
+
+
 class Transformer(nn.Module):
-    """Sequence [condition token, N image tokens] -> per-token features."""
+    """Sequence [condition token(s), N image tokens] -> per-token features. The condition is one class token, or for a
+    text model (cfg.text_dim > 0) L text tokens, left-padded, whose padding is masked out of attention as keys."""
 
     def __init__(self, cfg: BiGRConfig):
         super().__init__()
         self.cfg = cfg
-        self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim)
+        if cfg.is_text:
+            self.text_proj = TextProjection(cfg.text_dim, cfg.dim)
+            # the empty prompt's condition (mask + embeddings), the null text of CFG: set by training, saved with
+            # the weights, so that sampling needs no text encoder for it
+            self.register_buffer("null_text", torch.zeros(cfg.text_tokens, 1 + cfg.text_dim))
+        else:
+            self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim)
         self.tok_embeddings = nn.Linear(cfg.bits, cfg.dim, bias=True)
         self.mask_tok = nn.Parameter(torch.zeros(1, cfg.dim))
         if cfg.use_adaln:
@@ -111,30 +133,40 @@ class Transformer(nn.Module):
 
     def rope(self, device):
         if self._rope is None or self._rope[0].device != torch.device(device):
-            self._rope = rope_2d_table(self.cfg.grid, self.cfg.head_dim, self.cfg.rope_base, self.rope_cond_quirk, device)
+            self._rope = rope_2d_table(self.cfg.grid, self.cfg.head_dim, self.cfg.rope_base, self.rope_cond_quirk, device,
+                                       text_tokens=self.cfg.text_tokens)
         return self._rope
 
     def embed(self, codes, mask, labels):
-        """(B,N,K) codes, (B,N) bool mask (True = masked), labels -> sequence (B,1+N,D) and adaLN input."""
-        e = self.cls_embedding(labels)
+        """(B,N,K) codes, (B,N) bool mask (True = masked), labels -> sequence (B,P+N,D), adaLN input, and the key mask
+        (B,P+N) (None for a class model). labels: class ids or weights; for a text model the condition tensor
+        (B, L, 1 + text_dim) of models.text.pack_condition."""
         w = self.tok_embeddings.weight
         tok = self.tok_embeddings(codes.to(w.dtype))
         if mask is not None:
             tok = torch.where(mask[..., None], self.mask_tok.to(tok.dtype), tok)
+        key_mask = None
+        if self.cfg.is_text:
+            text_mask = labels[..., 0] > 0.5
+            e = self.text_proj(labels[..., 1:])
+            key_mask = torch.cat([text_mask, torch.ones(tok.shape[:2], dtype=torch.bool, device=tok.device)], 1)
+        else:
+            e = self.cls_embedding(labels)
         x = torch.cat([e.to(tok.dtype), tok], dim=1)
         ada = self.adaLN(e).unflatten(-1, (6, -1)) if self.cfg.use_adaln else None
-        return x, ada
+        return x, ada, key_mask
 
     def forward(self, codes, mask, labels, last_layer: int | None = None, attn_fn=attention_reference):
-        """Run blocks 0..last_layer (all when None); returns the raw residual stream (B,1+N,D)."""
-        x, ada = self.embed(codes, mask, labels)
+        """Run blocks 0..last_layer (all when None); returns the raw residual stream (B,P+N,D), P condition tokens."""
+        x, ada, key_mask = self.embed(codes, mask, labels)
         cos, sin = self.rope(x.device)
         stop = self.cfg.n_layer - 1 if last_layer is None else last_layer
         for layer in self.layers[: stop + 1]:
-            x = layer(x, ada, cos, sin, attn_fn)
+            x = layer(x, ada, cos, sin, attn_fn, key_mask)
         return x
 
     def conditions(self, codes, mask, labels, attn_fn=attention_reference):
-        """The transcoder's per-token conditions z (B,N,D): final norm, drop the condition token, add the position table."""
+        """The transcoder's per-token conditions z (B,N,D): final norm, drop the condition tokens, add the position
+        table."""
         x = self.norm(self.forward(codes, mask, labels, attn_fn=attn_fn))
-        return x[:, 1:] + self.diffusion_pos_embed_learned
+        return x[:, self.cfg.cond_tokens:] + self.diffusion_pos_embed_learned

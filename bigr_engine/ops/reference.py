@@ -15,12 +15,15 @@ from bigr_engine.ops import rng
 # The math the models share with the ops: RoPE tables and rotation, the reference attention, adaLN modulate.
 
 def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, cond_quirk: bool = True,
-                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  device=None, text_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the 2D rotary angles, (1 + grid*grid, head_dim/2), float32.
 
     Pair j < d/4 of image token (r, c) turns by r * f_j, pair j >= d/4 by c * f_(j - d/4), with
     f_m = base^(-2m / (d/2)). Row 0 is the condition token: with the release quirk it gets cos = sin = 0,
     which zeroes its query and key (the released checkpoints were trained that way).
+    text_tokens > 0 (a text model): those L rows come first instead, unrotated (cos = 1, sin = 0, as LlamaGen treats
+    its condition tokens): the text encoder has already encoded word order, and zeroed queries and keys (the class
+    token's quirk) would let the image tokens attend to the text only uniformly. -> (L + grid*grid, head_dim/2).
     """
     quarter = head_dim // 4
     freqs = base ** (-torch.arange(0, head_dim // 2, 2, device=device, dtype=torch.float32)[:quarter] / (head_dim // 2))
@@ -29,8 +32,12 @@ def rope_2d_table(grid: int, head_dim: int, base: float = 10000.0, cond_quirk: b
     cols = pos.repeat(grid)
     angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (N, d/2)
     cos, sin = angles.cos(), angles.sin()
-    first_cos = torch.zeros(1, head_dim // 2, device=device) if cond_quirk else torch.ones(1, head_dim // 2, device=device)
-    first_sin = torch.zeros(1, head_dim // 2, device=device)
+    if text_tokens:
+        first_cos = torch.ones(text_tokens, head_dim // 2, device=device)
+        first_sin = torch.zeros(text_tokens, head_dim // 2, device=device)
+    else:
+        first_cos = torch.zeros(1, head_dim // 2, device=device) if cond_quirk else torch.ones(1, head_dim // 2, device=device)
+        first_sin = torch.zeros(1, head_dim // 2, device=device)
     return torch.cat([first_cos, cos]), torch.cat([first_sin, sin])
 
 

@@ -94,6 +94,8 @@ def prepare_batch(model, labels: torch.Tensor, sample_index: torch.Tensor | None
     labels = labels.to(dev)
     if sample_index is None:
         sample_index = torch.arange(labels.shape[0], device=dev)
+    if model.cfg.is_text:   # the empty prompt's condition (models.text.pack_condition), saved with the model
+        return labels, sample_index.to(dev), model.transformer.null_text.to(labels.dtype).expand(labels.shape[0], -1, -1)
     null = torch.full((labels.shape[0],), model.cfg.null_class, dtype=torch.long, device=dev)
     if labels.is_floating_point():
         null = torch.nn.functional.one_hot(null, model.cfg.num_classes + 1).to(labels.dtype)

@@ -148,7 +148,7 @@ def conditions_full(model, codes, mask, cond_labels, kernels, state: ReuseState,
     last computed) and, with
     cache=True, every layer's rotated keys and values."""
     tr = model.transformer
-    x, ada = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)
+    x, ada, _ = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)   # class models only
     cos, sin = tr.rope(x.device)
     reuse = state.reuse
     for li, layer in enumerate(tr.layers):
@@ -200,7 +200,7 @@ def conditions_cached(model, codes, mask, cond_labels, kernels, state: ReuseStat
         parts.append(first_true(state.prev_mask & ~mask, rr.changed) + 1)
     parts.append(cand + 1)
     rows = torch.cat(parts, 1).repeat(branches, 1)                                               # (B', A)
-    x, ada = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)
+    x, ada, _ = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)   # class models only
     x = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
     cos, sin = tr.rope(x.device)
     for li, layer in enumerate(tr.layers):
