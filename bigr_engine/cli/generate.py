@@ -20,12 +20,16 @@ def cmd_generate(args) -> int:
     from bigr_engine.io.images import decode_to_uint8, make_grid, png_bytes
     out = Path(args.out)
     check_out_dir(out)
+    if args.prompt:
+        return _generate_prompts(args, out)
     if args.onnx:
         model, generate, decode, sampling = _onnx_pipeline(args)
     else:
         device = pick_device(args.device)
         model, bae = load_models(args, device)
         be.check_pair(model, bae)
+        if model.cfg.is_text:
+            raise BigrError(f"{args.ckpt} is a text-to-image model: pass --prompt \"...\" instead of --classes")
         sampling = sampling_from_args(args, model)
         generate = model.generate
         decode = lambda codes: decode_to_uint8(bae, codes)  # noqa: E731
@@ -54,6 +58,52 @@ def cmd_generate(args) -> int:
     files = with_run_manifest(out, files, args)
     write_files_atomic(files)  # only now, after everything succeeded, do files appear in --out
     print(f"wrote {n} image{'s' if n != 1 else ''} ({images.shape[2]}x{images.shape[1]}) to {out}/ and the grid {out / 'grid.png'}")
+    report_earlier_files(out, files)
+    return 0
+
+
+def _generate_prompts(args, out: Path) -> int:
+    """--prompt TEXT (repeatable): --per-class images of each prompt from a text model (the bundled one by default)
+    -> DIR/{index:05d}_p{prompt}.png, DIR/grid.png (a row per prompt) and DIR/prompts.txt."""
+    from tqdm.auto import tqdm
+
+    import bigr_engine as be
+    from bigr_engine.io.files import write_files_atomic
+    from bigr_engine.io.images import decode_to_uint8, make_grid, png_bytes
+    for flag, given in (("--classes", args.classes), ("--by-class", args.by_class), ("--onnx", args.onnx)):
+        if given:
+            raise BigrError(f"--prompt and {flag} do not go together: a text model takes prompts, not classes")
+    prompts = [p.strip() for p in args.prompt]
+    device = pick_device(args.device)
+    if args.ckpt is None and args.bae is None:
+        from bigr_engine.io.default import load_default_text
+        model, bae = load_default_text(device=device)
+    else:
+        model, bae = load_models(args, device)
+        if not model.cfg.is_text:
+            raise BigrError(f"{args.ckpt} is a class-conditional model: --prompt needs a text-to-image model "
+                            f"(or leave out --ckpt/--bae for the bundled one)")
+        from bigr_engine.models.text import load_text_encoder
+        model.text_encoder = load_text_encoder(args.text_encoder, model.cfg.text_tokens, device=device)
+    be.check_pair(model, bae)
+    sampling = sampling_from_args(args, model)
+    labels = [p for p in prompts for _ in range(args.per_class)]
+    which = [j for j in range(len(prompts)) for _ in range(args.per_class)]
+    chunks = []
+    with tqdm(total=len(labels), desc="generate", unit="img", disable=args.quiet) as bar:
+        for lo in range(0, len(labels), args.batch_size):
+            batch = labels[lo:lo + args.batch_size]
+            codes = model.generate(batch, seed=args.seed, sample_index=torch.arange(lo, lo + len(batch)), **sampling)
+            chunks.append(decode_to_uint8(bae, codes))
+            bar.update(len(batch))
+    images = np.concatenate(chunks)
+    files = {out / f"{i:05d}_p{j}.png": png_bytes(img) for i, (img, j) in enumerate(zip(images, which))}
+    files[out / "grid.png"] = png_bytes(make_grid(images, args.nrow or args.per_class))
+    files[out / "prompts.txt"] = "".join(f"p{j}\t{p}\n" for j, p in enumerate(prompts)).encode()
+    files = with_run_manifest(out, files, args)
+    write_files_atomic(files)
+    print(f"wrote {len(labels)} image{'s' if len(labels) != 1 else ''} of {len(prompts)} prompt"
+          f"{'s' if len(prompts) != 1 else ''} to {out}/ and the grid {out / 'grid.png'}")
     report_earlier_files(out, files)
     return 0
 
@@ -136,7 +186,12 @@ def register(sub) -> None:
                                    "bundled default model is used, with its tuned sampling settings.")
     add_model_and_sampling_flags(p, "e.g. 207,tabby (ImageNet names for 1000-class models; default: a few classes "
                                     "spread over the range)")
-    p.add_argument("--per-class", type=positive_int, default=1, help="images per class (default 1)")
+    p.add_argument("--per-class", type=positive_int, default=1, help="images per class, or per prompt (default 1)")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="text-to-image: images of this prompt (repeat "
+                   "for several) from a text model; without --ckpt/--bae the bundled one (needs the `text` extra); "
+                   "writes DIR/{index:05d}_p{prompt}.png, DIR/grid.png and DIR/prompts.txt")
+    p.add_argument("--text-encoder", default="minilm", metavar="minilm|DIR", help="the text encoder of a --ckpt text "
+                   "model: minilm (default) or a local Hugging Face encoder folder (e.g. a T5)")
     p.add_argument("--out", default="samples", metavar="DIR", help="output folder: DIR/{index:05d}_{class}.png and DIR/grid.png "
                    "(default samples)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call; in float32 it does not change the images (bfloat16 matmuls on a GPU may round differently per batch size: pass --dtype float32 where that matters)")

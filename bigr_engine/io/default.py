@@ -28,3 +28,21 @@ def load_default(device="cpu", dtype=torch.float32):
     model.class_names = list(info["class_names"])
     model.default_sampling = as_options(info["sampling"])
     return model, bae
+
+
+def load_default_text(device="cpu", dtype=torch.float32):
+    """-> (text model, bae): the bundled text-to-image model (recipe: tools/train_text_default.py) with its text
+    encoder (MiniLM, the `text` extra) attached as `model.text_encoder`, its class names and tuned sampling."""
+    path = ASSETS / "default_text.json"
+    if not path.is_file():
+        raise BigrError(f"the bundled text-to-image model is missing ({path}); reinstall bigr-engine, or pass --ckpt "
+                        f"(a text model) and --bae")
+    info = json.loads(path.read_text())
+    from bigr_engine.models.text import load_text_encoder
+    model = load_bigr(ASSETS / info["bigr"], device=device, dtype=dtype)
+    bae = load_bae(ASSETS / info["bae"], device=device)
+    enc = info["text_encoder"]
+    model.text_encoder = load_text_encoder(enc["name"], enc["max_tokens"], device=device)
+    model.class_names = list(info["class_names"])
+    model.default_sampling = as_options(info["sampling"])
+    return model, bae

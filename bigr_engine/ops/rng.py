@@ -26,10 +26,12 @@ TRAIN_MASK_ORDER = 17  # which tokens are masked
 TRAIN_CLASS_DROP = 18  # class dropout for classifier-free guidance
 TRAIN_DIFF_STEP = 19   # the diffusion step of each token
 TRAIN_DIFF_NOISE = 20  # the forward-process flips
+TRAIN_CAPTION = 21     # which of a sample's captions a text model trains on at a step
 
 ENCODE_BITS = 0        # Bernoulli draws of the tokenizer's bits
 ENCODE_SHUFFLE = 1     # enrichment: order of the positions inside each block
 ENCODE_ROUND = 2       # enrichment: per-round generation seeds
+ENCODE_CAPTIONS = 3    # train.captions: which true caption each training image gets per slot
 
 KINDS = {name: value for name, value in globals().items()
          if name.isupper() and not name.startswith(("ENCODE_", "MASK")) and isinstance(value, int)}

@@ -85,15 +85,29 @@ class Service:
     def generate_jobs(self, body: dict) -> tuple[list[Job], dict]:
         from bigr_engine.models.classes import class_ids
         from bigr_engine.sampling.reuse import PRESETS
-        known = set(GENERATE_OPTIONS) | {"classes", "seed", "per_class", "reuse"}
+        text = self.model.cfg.is_text
+        known = set(GENERATE_OPTIONS) | {"prompt" if text else "classes", "seed", "per_class", "reuse"}
         unknown = sorted(set(body) - known)
+        if text and "classes" in unknown:
+            raise BigrError('this server runs a text-to-image model: send "prompt" (a string or a list of strings) '
+                            'instead of "classes"')
+        if not text and "prompt" in unknown:
+            raise BigrError('this server runs a class-conditional model: send "classes" instead of "prompt" (serve a '
+                            'text model with `bigr serve --text`)')
         if unknown:
             raise BigrError(f"unknown field(s) {', '.join(unknown)}; valid ones are {', '.join(sorted(known))}")
-        classes = body.get("classes")
-        if not isinstance(classes, list) or not classes:
-            raise BigrError('"classes" must be a non-empty list of class ids or names, e.g. {"classes": [7, "Bag"]}')
-        ids = class_ids(classes, self.model)
-        labels = self.model.check_labels(ids).tolist()
+        if text:   # a row's label is its prompt; the worker encodes a batch's prompts at once
+            prompts = body.get("prompt")
+            prompts = [prompts] if isinstance(prompts, str) else prompts
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise BigrError('"prompt" must be a string or a non-empty list of strings, e.g. {"prompt": "a dark bag"}')
+            labels = prompts
+        else:
+            classes = body.get("classes")
+            if not isinstance(classes, list) or not classes:
+                raise BigrError('"classes" must be a non-empty list of class ids or names, e.g. {"classes": [7, "Bag"]}')
+            ids = class_ids(classes, self.model)
+            labels = self.model.check_labels(ids).tolist()
         per_class = body.get("per_class", 1)
         if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
             raise BigrError(f"per_class must be a positive integer, got {per_class!r}")
@@ -110,7 +124,7 @@ class Service:
         deadline = time.monotonic() + self.timeout_s
         jobs = [Job(key, len(part), part, deadline) for part in
                 (rows[a:a + self.max_batch] for a in range(0, len(rows), self.max_batch))]
-        return jobs, {"classes": [r[0] for r in rows], "seed": seed}
+        return jobs, {"prompts" if text else "classes": [r[0] for r in rows], "seed": seed}
 
     def inpaint_jobs(self, body: dict) -> tuple[list[Job], dict]:
         known = set(GENERATE_OPTIONS) | {"image", "mask", "box", "class", "seed", "variations", "invert"}
@@ -156,7 +170,7 @@ class Service:
         if key[0] == "generate":
             rows = [r for p in payloads for r in p]
             opts, reuse = dict(key[1]), key[2]
-            labels = torch.tensor([r[0] for r in rows])
+            labels = [r[0] for r in rows] if self.model.cfg.is_text else torch.tensor([r[0] for r in rows])
             codes = self.model.generate(labels, seeds=torch.tensor([r[1] for r in rows]),
                                         sample_index=torch.tensor([r[2] for r in rows]), reuse=reuse,
                                         dtype=self.dtype, **opts)
@@ -178,7 +192,7 @@ class Service:
     def warm_up(self) -> None:
         """One small generation of each kind a request will run (kernel self-tests, first-call costs), then ready."""
         try:
-            self._run(("generate", (), "exact"), [[(0, 0, 0)]])
+            self._run(("generate", (), "exact"), [[("" if self.model.cfg.is_text else 0, 0, 0)]])
         finally:
             self.ready.set()
 
@@ -190,6 +204,7 @@ class Service:
         return {"bigr_engine": __version__, "torch": torch.__version__, "device": str(self.model.device),
                 "model": self.model.cfg.to_dict(), "tokenizer": {"img_size": self.bae.cfg.img_size, "bits": self.bae.bits},
                 "defaults": dataclasses.asdict(self.model.default_sampling), "class_names": class_names(self.model),
+                "text_to_image": self.model.cfg.is_text,
                 "limits": {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_s * 1e3,
                            "max_queue": self.max_queue, "timeout_s": self.timeout_s,
                            "max_request_images": min(MAX_REQUEST_IMAGES, self.max_queue)},

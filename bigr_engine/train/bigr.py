@@ -30,6 +30,30 @@ from bigr_engine.ops.kernels import Kernels
 from bigr_engine.sampling import BiGR
 from bigr_engine.train.state import Ema, JsonlLog, load_state, lr_at, save_state
 
+class TextConditions:
+    """A text model's training conditions, precomputed: the distinct captions' condition tensors `table` (U, L, 1 + dim)
+    (models.text.pack_condition of the encoder's output), each sample's caption ids (n, slots) into it, and the empty
+    prompt's condition `null` (L, 1 + dim), the null text of CFG. At each step a sample trains on one of its slots,
+    drawn by the counter RNG from (seed, sample, step), so resumed and multi-process runs see the same captions."""
+
+    def __init__(self, table: torch.Tensor, ids: torch.Tensor, null: torch.Tensor):
+        if table.dim() != 3 or null.shape != table.shape[1:] or ids.dim() != 2:
+            raise BigrError(f"text conditions: table (U, L, C), ids (n, slots) and null (L, C), got "
+                            f"{tuple(table.shape)}, {tuple(ids.shape)}, {tuple(null.shape)}")
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(table)):
+            raise BigrError(f"caption ids must be in 0..{len(table) - 1}")
+        self.table, self.ids, self.null = table.float(), ids.long(), null.float()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def pick(self, idx: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+        """The conditions (B, L, 1 + dim) of dataset samples idx at `step`."""
+        u = rng.uniform(seed, idx, rng.stream(rng.TRAIN_CAPTION, step % 4096, step // 4096 % 4096), (1,))[:, 0]
+        slot = (u * self.ids.shape[1]).long().clamp(max=self.ids.shape[1] - 1)
+        return self.table[self.ids[idx, slot]]
+
+
 @dataclass
 class TrainRecipe:
     steps: int = 10000
@@ -66,7 +90,10 @@ def masked_modeling_loss(model: BiGR, codes: torch.Tensor, labels: torch.Tensor,
     s = lambda kind: rng.stream(kind, step % 4096, step // 4096 % 4096)  # noqa: E731
     codes = codes.float()
     drop = rng.uniform(seed, sample_index, s(rng.TRAIN_CLASS_DROP), (1,))[:, 0] < class_dropout
-    labels = torch.where(drop, torch.full_like(labels, cfg.null_class), labels)
+    if cfg.is_text:   # prompt dropout: the empty prompt's condition
+        labels = torch.where(drop[:, None, None], model.transformer.null_text.to(labels.dtype), labels)
+    else:
+        labels = torch.where(drop, torch.full_like(labels, cfg.null_class), labels)
     ratio = torch.cos(math.pi / 2 * rng.uniform(seed, sample_index, s(rng.TRAIN_MASK_RATIO), (1,))[:, 0])
     n_mask = (ratio * N).floor().clamp(1, N).long()
     order = rng.uniform(seed, sample_index, s(rng.TRAIN_MASK_ORDER), (N,)).argsort(dim=1)
@@ -161,10 +188,12 @@ def batch_indices(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
     return perm[pos * batch:(pos + 1) * batch]
 
 
-def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: TrainRecipe, out: Path,
-          device="cpu", progress: bool = True, on_save=None, bae=None) -> tuple[BiGR, BiGR]:
-    """codes (n,N,K) uint8 (or a memmap-backed tensor), labels (n,). Writes out/state.pt, out/log.jsonl and, with a
-    B-AE `bae` (the tokenizer of the codes), sample grids out/samples/step_XXXXXXX.png; returns (model, ema)."""
+def train(codes: torch.Tensor, labels, cfg: BiGRConfig, recipe: TrainRecipe, out: Path,
+          device="cpu", progress: bool = True, on_save=None, bae=None, init: dict | None = None) -> tuple[BiGR, BiGR]:
+    """codes (n,N,K) uint8 (or a memmap-backed tensor), labels (n,) class ids, or for a text model (cfg.text_dim > 0)
+    TextConditions. Writes out/state.pt, out/log.jsonl and, with a B-AE `bae` (the tokenizer of the codes), sample
+    grids out/samples/step_XXXXXXX.png; returns (model, ema). init: a state dict whose tensors of matching name and
+    shape start a new run (a warm start, e.g. a text model from a class model's blocks and transcoder)."""
     out = Path(out)
     rank, world, _ = process_rank()
     if recipe.ops not in OPS_CHOICES:
@@ -177,8 +206,17 @@ def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: Tr
     if len(codes) < recipe.batch_size:
         raise ValueError(f"the dataset has {len(codes)} samples, fewer than one batch of {recipe.batch_size}")
     micro = recipe.batch_size // (world * recipe.grad_accum)
+    if cfg.is_text != isinstance(labels, TextConditions):
+        raise BigrError("a text model (text_dim > 0) trains on TextConditions, a class model on class ids")
     torch.manual_seed(recipe.seed)
     model = BiGR(cfg).to(device).train()
+    if init is not None:
+        own = model.state_dict()
+        fits = {k: v for k, v in init.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(fits, strict=False)
+    if cfg.is_text:
+        with torch.no_grad():
+            model.transformer.null_text.copy_(labels.null)
     if bae is not None:
         from bigr_engine.io.checkpoints import check_pair
         check_pair(model, bae)  # before any work: a tokenizer of another code would only fail at the first grid
@@ -200,7 +238,7 @@ def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: Tr
         opt.load_state_dict(st["opt"])
         start = st["step"]
     log = JsonlLog(out / "log.jsonl") if rank == 0 else None
-    sampling = recipe.sample_every > 0 and bae is not None
+    sampling = recipe.sample_every > 0 and bae is not None and not cfg.is_text   # grids: class models only
     if log:
         notes = [ops_note] if ops_note else []
         if log.tb is None:
@@ -223,7 +261,8 @@ def train(codes: torch.Tensor, labels: torch.Tensor, cfg: BiGRConfig, recipe: Tr
             lo = (a * world + rank) * micro
             mine = idx[lo:lo + micro]
             with autocast:
-                loss = masked_modeling_loss(model, codes[mine].to(device), labels[mine].to(device),
+                lab = labels.pick(mine, recipe.seed, step) if cfg.is_text else labels[mine]
+                loss = masked_modeling_loss(model, codes[mine].to(device), lab.to(device),
                                             (step * recipe.batch_size + lo + torch.arange(micro)).to(device),
                                             recipe.seed, step, recipe.class_dropout, recipe.transcoder_repeat,
                                             kernels).mean()

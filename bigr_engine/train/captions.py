@@ -1,0 +1,93 @@
+"""Captions for Fashion-MNIST, made from each image's class and two measured attributes, for the bundled text model.
+
+Every caption is a sentence template filled with a synonym of the class and, optionally, the image's brightness
+("dark" / "light": the mean intensity of the item's pixels against the training median) and width ("wide" /
+"narrow": the item's horizontal extent against its class's median). Templates and synonyms are split into those used
+in training and a held-out set never seen in training, so a quality report can ask whether the model follows
+phrasings it was not trained on. Deterministic: a caption is picked by the counter RNG from (seed, image, slot).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from bigr_engine.ops import rng
+
+# Per class: the synonyms used in training, then one held out.
+SYNONYMS = {
+    0: (["t-shirt", "tee", "top"], ["short-sleeved shirt"]),
+    1: (["trousers", "pants", "slacks"], ["jeans"]),
+    2: (["pullover", "sweater", "jumper"], ["knitted sweatshirt"]),
+    3: (["dress", "gown", "frock"], ["sundress"]),
+    4: (["coat", "jacket", "overcoat"], ["parka"]),
+    5: (["sandal", "flip-flop", "open shoe"], ["summer sandal"]),
+    6: (["shirt", "blouse", "button-up shirt"], ["collared shirt"]),
+    7: (["sneaker", "trainer", "running shoe"], ["sports shoe"]),
+    8: (["bag", "handbag", "purse"], ["tote"]),
+    9: (["ankle boot", "boot", "short boot"], ["chelsea boot"]),
+}
+TRAIN_TEMPLATES = ["a {attr}{item}", "a photo of a {attr}{item}", "an image of a {attr}{item}",
+                   "a picture showing a {attr}{item}", "{attr}{item}", "a product photo of a {attr}{item}"]
+HELD_OUT_TEMPLATES = ["this is a {attr}{item}", "a catalogue shot of one {attr}{item}"]
+BRIGHTNESS = ("dark", "light")
+WIDTH = ("narrow", "wide")
+
+
+def measure(images: np.ndarray, labels: np.ndarray) -> dict:
+    """(n, 28, 28) uint8 Fashion-MNIST images -> per image: brightness 0 (dark) / 1 (light), width 0 (narrow) /
+    1 (wide), the medians they were split at."""
+    x = images.astype(np.float32) / 255.0
+    item = x > 0.05
+    mean = (x * item).sum((1, 2)) / np.maximum(item.sum((1, 2)), 1)
+    cols = item.any(1)
+    first, last = cols.argmax(1), 27 - cols[:, ::-1].argmax(1)
+    width = np.where(cols.any(1), last - first + 1, 0).astype(np.float32)
+    b_med = float(np.median(mean))
+    w_med = {c: float(np.median(width[labels == c])) for c in np.unique(labels)}
+    return {"brightness": (mean > b_med).astype(np.int64), "width": (width > np.vectorize(w_med.get)(labels)).astype(np.int64),
+            "mean": mean, "extent": width, "brightness_median": b_med, "width_median": w_med}
+
+
+def caption(template: str, item: str, attrs=()) -> str:
+    """A template filled with the attributes and the item, with "a" / "an" agreeing with the next word."""
+    words = template.format(attr="".join(f"{a} " for a in attrs), item=item).split()
+    for i in range(len(words) - 1):
+        if words[i] in ("a", "an"):
+            words[i] = "an" if words[i + 1][0] in "aeiou" else "a"
+    return " ".join(words)
+
+
+def caption_table(held_out: bool = False) -> list[tuple[int, str, int, int]]:
+    """Every caption of one split: (class, text, brightness or -1, width or -1)."""
+    templates = HELD_OUT_TEMPLATES if held_out else TRAIN_TEMPLATES
+    rows = []
+    for c, (train_syn, held_syn) in SYNONYMS.items():
+        for t, item in itertools.product(templates, held_syn if held_out else train_syn):
+            for b, w in itertools.product((-1, 0, 1), (-1, 0, 1)):
+                attrs = ([BRIGHTNESS[b]] if b >= 0 else []) + ([WIDTH[w]] if w >= 0 else [])
+                rows.append((c, caption(t, item, attrs), b, w))
+    return rows
+
+
+def assign(labels: np.ndarray, attrs: dict, slots: int = 4, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """For each training image, `slots` captions that describe it truly (its class; its measured brightness and width,
+    each named or left out): -> (the distinct caption texts, ids (n, slots) into them)."""
+    table = caption_table()
+    by_key: dict = {}
+    for c, text, b, w in table:
+        by_key.setdefault((c, b, w), []).append(text)
+    texts = sorted({t for _, t, _, _ in table})
+    index = {t: i for i, t in enumerate(texts)}
+    n = len(labels)
+    u = rng.uniform(seed, torch.arange(n), rng.stream(rng.ENCODE, rng.ENCODE_CAPTIONS), (slots, 2)).numpy()
+    ids = np.empty((n, slots), dtype=np.int64)
+    for i in range(n):
+        c, b, w = int(labels[i]), int(attrs["brightness"][i]), int(attrs["width"][i])
+        for s in range(slots):
+            which = int(u[i, s, 0] * 4)   # name neither, brightness, width, or both
+            key = (c, b if which in (1, 3) else -1, w if which in (2, 3) else -1)
+            options = by_key[key]
+            ids[i, s] = index[options[int(u[i, s, 1] * len(options))]]
+    return texts, ids
