@@ -26,6 +26,14 @@ def cmd_encode_dataset(args) -> int:
     import bigr_engine as be
     from bigr_engine.train.codes_dataset import encode_dataset
     bae = be.load_bae(args.bae, device=pick_device(args.device))
+    if args.captions:   # (image, caption) pairs: codes plus the captions' text conditions, encoded once
+        from bigr_engine.models.text import load_text_encoder
+        from bigr_engine.train.caption_dataset import load_caption_dataset, prepare_caption_dataset
+        encoder = load_text_encoder(args.text_encoder, args.text_tokens)
+        prepare_caption_dataset(bae, encoder, args.source, args.out, progress=not args.quiet)
+        codes, conds, _ = load_caption_dataset(args.out)
+        print(f"wrote {len(codes)} packed codes and {len(conds.table)} distinct captions' conditions to {args.out}")
+        return 0
     images, labels = _images_and_labels(args.source, bae.cfg.img_size, args.split)
     encode_dataset(bae, images, labels, args.out, shard_size=args.shard_size, progress=not args.quiet)
     print(f"wrote {len(labels)} packed codes to {args.out}")
@@ -50,17 +58,25 @@ def cmd_train(args) -> int:
     import bigr_engine as be
     from bigr_engine.train.codes_dataset import CodesDataset
     from bigr_engine.train.bigr import TrainRecipe, init_distributed, train
+    from bigr_engine.train.caption_dataset import CAPTIONS, load_caption_dataset
     init_distributed()
-    data = CodesDataset(args.data)
-    classes = int(data.labels.max()) + 1 if args.num_classes is None else args.num_classes
+    text = {}
+    if (Path(args.data) / CAPTIONS).is_file():   # a caption dataset: a text model (no adaLN, the text tokens)
+        data, labels, _ = load_caption_dataset(args.data)
+        text = dict(text_dim=labels.table.shape[-1] - 1, text_tokens=labels.table.shape[1], use_adaln=False)
+        classes = 1 if args.num_classes is None else args.num_classes
+    else:
+        data = CodesDataset(args.data)
+        labels = data.labels
+        classes = int(data.labels.max()) + 1 if args.num_classes is None else args.num_classes
     cfg = be.BiGRConfig(dim=args.dim, n_layer=args.layers, n_head=args.dim // 64 if args.heads is None else args.heads,
                         bits=data.bits, num_tokens=data.num_tokens, num_classes=classes,
-                        transcoder_blocks=args.transcoder_blocks, transcoder_dim=args.transcoder_dim or args.dim)
+                        transcoder_blocks=args.transcoder_blocks, transcoder_dim=args.transcoder_dim or args.dim, **text)
     recipe = TrainRecipe(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          warmup=args.warmup, ema=args.ema, seed=args.seed, ops=args.ops, sample_every=args.sample_every)
     device = pick_device(args.device)
     bae = be.load_bae(args.bae, device=device) if args.bae else None  # only to decode the sample grids
-    _, ema = train(data, data.labels, cfg, recipe, Path(args.out), device=device, progress=not args.quiet, bae=bae)
+    _, ema = train(data, labels, cfg, recipe, Path(args.out), device=device, progress=not args.quiet, bae=bae)
     if is_main_process():
         dst = be.save_model(ema, Path(args.out) / "bigr.safetensors")
         print(f"wrote {dst} (EMA weights)")
@@ -74,6 +90,14 @@ def register(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="train", choices=["train", "test"], help="Fashion-MNIST split")
     p.add_argument("--shard-size", type=int, default=10000)
+    p.add_argument("--captions", action="store_true", help="SOURCE is (image, caption) pairs: a JSONL manifest "
+                   "({\"image\": PATH, \"caption\": TEXT or [TEXT, ...]} per line) or a folder of images each with a "
+                   ".txt caption file; the captions are embedded once (--text-encoder) and stored beside the codes, "
+                   "and `bigr train` on the folder trains a text model")
+    p.add_argument("--text-encoder", default="minilm", metavar="minilm|DIR", help="with --captions: minilm (default) "
+                   "or a local Hugging Face encoder folder (e.g. a T5)")
+    p.add_argument("--text-tokens", type=int, default=120, help="with --captions: text positions, prompts left-padded "
+                   "(default 120, the paper's)")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_encode_dataset)
