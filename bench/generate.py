@@ -110,6 +110,17 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
     return 2 * n ** 3 / t
 
 
+def make_labels(cfg, batch: int, device) -> torch.Tensor:
+    """Class ids, or for a text model random prompt conditions (MiniLM's width, lengths 3..L tokens, left-padded)."""
+    if not cfg.is_text:
+        return torch.arange(batch, device=device) % cfg.num_classes
+    from bigr_engine.models.text import pack_condition
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, cfg.text_tokens + 1, (batch,), generator=g)
+    mask = torch.arange(cfg.text_tokens)[None] >= cfg.text_tokens - lengths[:, None]
+    return pack_condition(torch.randn(batch, cfg.text_tokens, cfg.text_dim, generator=g), mask).to(device)
+
+
 def validate(model, cfg, device: str) -> None:
     """Before timing, a short greedy run (2 images, 4 rounds, 5 steps) against the reference: the float32 engine in
     plain PyTorch must give its codes exactly; with the compiled ops (whose fused attention and LayerNorm round
@@ -120,7 +131,7 @@ def validate(model, cfg, device: str) -> None:
     from bigr_engine.ops import kernels
     from bigr_engine.sampling import reference as sampler
     from bigr_engine.sampling.options import SamplingOptions
-    labels = torch.arange(2) % cfg.num_classes
+    labels = make_labels(cfg, 2, model.device)
     opts = SamplingOptions(greedy=True, iters=4, steps=5)
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = sampler.generate(model, labels, opts)
@@ -142,6 +153,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", help=f"{sorted(PRESETS)} or a released preset (BiGR-L, BiGR-XL, ...)")
     ap.add_argument("--bits", type=int, default=16)
+    ap.add_argument("--text", type=int, metavar="TOKENS", help="the preset as a text model with TOKENS text positions "
+                    "(MiniLM's 384-d embeddings, no adaLN) instead of the class token")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=None, help="images per call (default 8 on CPU, 64 on GPU)")
     ap.add_argument("--iters", type=int, default=20)
@@ -160,10 +173,14 @@ def main(argv=None):
             ap.error(f"unknown backend {name!r}: choose from {sorted(BACKENDS)}")
 
     torch.manual_seed(0)
-    cfg = be.BiGRConfig(**PRESETS[args.preset]) if args.preset in PRESETS else be.bigr_preset(args.preset, bits=args.bits)
+    text = dict(text_dim=384, text_tokens=args.text, use_adaln=False) if args.text else {}
+    cfg = be.BiGRConfig(**{**PRESETS[args.preset], **text}) if args.preset in PRESETS else \
+        be.bigr_preset(args.preset, bits=args.bits, **text)
     model = be.BiGR(cfg).to(args.device).eval()
+    if cfg.is_text:
+        model.transformer.null_text.copy_(make_labels(cfg, 1, "cpu")[0])
     batch = args.batch or (64 if gpu else 8)
-    labels = torch.arange(batch) % cfg.num_classes
+    labels = make_labels(cfg, batch, args.device)
     params = sum(p.numel() for p in model.parameters())
     use_cfg = args.cfg != 1.0
     peak_rate = matmul_rate(args.device, torch.bfloat16 if gpu else torch.float32)
@@ -195,7 +212,7 @@ def main(argv=None):
         med = statistics.median(times)
         peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else float("nan")
         useful = generation_flops(cfg, batch, args.iters, args.steps, use_cfg, engine=True) / med
-        rows.append(dict(backend=name, preset=args.preset, batch=batch, iters=args.iters, steps=args.steps,
+        rows.append(dict(backend=name, preset=args.preset + (f"+text{args.text}" if args.text else ""), batch=batch, iters=args.iters, steps=args.steps,
                          cfg=args.cfg, seconds=med, ms_per_image=1e3 * med / batch, images_per_s=batch / med,
                          peak_mib=peak, useful_tflops=useful / 1e12, matmul_tflops=peak_rate / 1e12,
                          fraction_of_matmul=useful / peak_rate, threads=torch.get_num_threads()))

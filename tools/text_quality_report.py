@@ -36,7 +36,8 @@ def generate(model, bae, prompts: list[str], per_prompt: int, seed: int, batch: 
     labels = [p for p in prompts for _ in range(per_prompt)]
     out = []
     for lo in range(0, len(labels), batch):
-        codes = model.generate(labels[lo:lo + batch], seed=seed, sample_index=torch.arange(lo, lo + len(labels[lo:lo + batch])))
+        part = labels[lo:lo + batch]
+        codes = model.generate(part, seed=seed, sample_index=torch.arange(lo, lo + len(part)))
         out.append(decode_to_uint8(bae, codes))
     return np.concatenate(out)
 

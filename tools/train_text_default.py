@@ -3,7 +3,7 @@
     python tools/train_text_default.py --work runs/text      # resumable; then copies into bigr_engine/assets/
 
 Steps: encode the training set with the bundled B-AE (the class model's tokenizer) to packed codes; give every image
-four true captions (bigr_engine/train/captions.py: its class by a synonym, optionally its measured brightness and
+eight true captions (bigr_engine/train/captions.py: its class by a synonym, optionally its measured brightness and
 width, in one of the training templates); embed the distinct captions and the empty prompt once with the MiniLM
 text encoder (16 tokens, left-padded) and store them next to the codes; train the text model (no adaLN: conditioning
 through the 16 text tokens only), warm-started from the bundled class model's blocks, token embedding and transcoder;
@@ -39,7 +39,7 @@ def caption_conditions(work: Path, labels: np.ndarray, attrs: dict) -> TextCondi
     if path.exists():
         d = torch.load(path)
         return TextConditions(d["table"], d["ids"], d["null"])
-    texts, ids = captions.assign(labels, attrs)
+    texts, ids = captions.assign(labels, attrs, slots=8)
     enc = minilm(max_tokens=TEXT_TOKENS)
     table = torch.cat([pack_condition(*enc(texts[i:i + 256])) for i in range(0, len(texts), 256)])
     null = pack_condition(*enc([""]))[0]
@@ -50,7 +50,7 @@ def caption_conditions(work: Path, labels: np.ndarray, attrs: dict) -> TextCondi
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="runs/text", help="working folder (codes, captions, checkpoints); resumable")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--no-install", action="store_true", help="do not copy the result into bigr_engine/assets")
     args = ap.parse_args(argv)

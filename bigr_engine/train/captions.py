@@ -17,19 +17,20 @@ from bigr_engine.ops import rng
 
 # Per class: the synonyms used in training, then one held out.
 SYNONYMS = {
-    0: (["t-shirt", "tee", "top"], ["short-sleeved shirt"]),
-    1: (["trousers", "pants", "slacks"], ["jeans"]),
-    2: (["pullover", "sweater", "jumper"], ["knitted sweatshirt"]),
-    3: (["dress", "gown", "frock"], ["sundress"]),
-    4: (["coat", "jacket", "overcoat"], ["parka"]),
-    5: (["sandal", "flip-flop", "open shoe"], ["summer sandal"]),
-    6: (["shirt", "blouse", "button-up shirt"], ["collared shirt"]),
-    7: (["sneaker", "trainer", "running shoe"], ["sports shoe"]),
-    8: (["bag", "handbag", "purse"], ["tote"]),
-    9: (["ankle boot", "boot", "short boot"], ["chelsea boot"]),
+    0: (["t-shirt", "tee", "top", "tank top", "crew-neck tee"], ["short-sleeved shirt"]),
+    1: (["trousers", "pants", "slacks", "leggings", "chinos"], ["jeans"]),
+    2: (["pullover", "sweater", "jumper", "hoodie", "long-sleeved sweater"], ["knitted sweatshirt"]),
+    3: (["dress", "gown", "frock", "maxi dress", "evening dress"], ["sundress"]),
+    4: (["coat", "jacket", "overcoat", "raincoat", "winter jacket"], ["parka"]),
+    5: (["sandal", "flip-flop", "open shoe", "strappy sandal", "beach sandal"], ["summer sandal"]),
+    6: (["shirt", "blouse", "button-up shirt", "dress shirt", "flannel shirt"], ["collared shirt"]),
+    7: (["sneaker", "trainer", "running shoe", "tennis shoe", "athletic shoe"], ["sports shoe"]),
+    8: (["bag", "handbag", "purse", "shoulder bag", "backpack"], ["tote"]),
+    9: (["ankle boot", "boot", "short boot", "bootie", "heeled boot"], ["chelsea boot"]),
 }
 TRAIN_TEMPLATES = ["a {attr}{item}", "a photo of a {attr}{item}", "an image of a {attr}{item}",
-                   "a picture showing a {attr}{item}", "{attr}{item}", "a product photo of a {attr}{item}"]
+                   "a picture showing a {attr}{item}", "{attr}{item}", "a product photo of a {attr}{item}",
+                   "a close-up of a {attr}{item}", "a simple drawing of a {attr}{item}"]
 HELD_OUT_TEMPLATES = ["this is a {attr}{item}", "a catalogue shot of one {attr}{item}"]
 BRIGHTNESS = ("dark", "light")
 WIDTH = ("narrow", "wide")

@@ -35,7 +35,8 @@ class TinyEncoder:
         for i, p in enumerate(prompts):
             words = (["<s>"] + p.split())[-5:]
             for j, w in enumerate(words):
-                emb[i, 5 - len(words) + j] = torch.randn(4, generator=torch.Generator().manual_seed(len(w) * 7 + ord(w[0])))
+                g = torch.Generator().manual_seed(len(w) * 7 + ord(w[0]))
+                emb[i, 5 - len(words) + j] = torch.randn(4, generator=g)
                 mask[i, 5 - len(words) + j] = True
         return emb, mask
 
