@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ from torch import nn
 
 from bigr_engine._version import __version__
 from bigr_engine.errors import BigrError
-from bigr_engine.export.manifest import MANIFEST, _sha256
+from bigr_engine.export.manifest import MANIFEST, _sha256, staged_dir
 from bigr_engine.io.images import DECODE_GROUP
 from bigr_engine.models import tokenizer as tok
 from bigr_engine.ops.reference import rope_2d_table, schedule_tables
@@ -76,10 +74,7 @@ def export_cpp(model, bae, out, class_names=None, sampling=None) -> Path:
     tables = schedule_tables(cfg.train_steps)
     for k in ("k_final", "b_final", "beta"):
         weights[f"tables.{k}"] = tables[k].contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_dir(out) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         files = ["model.safetensors"]
         if bae is not None:
@@ -102,10 +97,4 @@ def export_cpp(model, bae, out, class_names=None, sampling=None) -> Path:
             "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

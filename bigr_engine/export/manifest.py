@@ -1,8 +1,11 @@
 """The export directory's manifest: reading and checking it (no torch, no onnx), shared by every pipeline."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from bigr_engine.errors import BigrError
@@ -59,3 +62,20 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path):
+    """A temporary folder beside `out` to write an export into; renamed to `out` (a new or empty folder) when the
+    block succeeds, removed when it fails: files appear only once the whole export succeeded."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -8,8 +8,6 @@ corrupt or mismatched directory is refused with a clear message). Files appear o
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 from bigr_engine._version import __version__
 from bigr_engine.errors import BigrError
 from bigr_engine.export import graphs
-from bigr_engine.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST, _sha256
+from bigr_engine.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST, _sha256, staged_dir
 from bigr_engine.ops.reference import schedule_tables
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -112,10 +110,7 @@ def export_onnx(model, bae, out, dtype: str = "float32", opset: int = DEFAULT_OP
             ("encoder", graphs.Encoder(bae, dt), (torch.rand(B, bae.cfg.in_channels, s, s),), ("images",),
              ("probs",), {"images": {0: batch}}),
         ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_dir(out) as tmp:
         from tqdm.auto import tqdm
         graph_info = {}
         for name, module, args, ins, outs, dyn in tqdm(jobs, desc="export onnx", unit="graph", disable=not progress):
@@ -139,12 +134,6 @@ def export_onnx(model, bae, out, dtype: str = "float32", opset: int = DEFAULT_OP
             "class_names": list(class_names) if class_names else None,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -165,9 +165,14 @@ class SlowService(Service):
         return super()._run(key, payloads)
 
 
+def one_at_a_time(service_cls, models):
+    """A server of `service_cls` that runs one image at a time, queues two and gives each request 1 s."""
+    return Server(service_cls(*models, max_batch=1, max_wait_ms=0, max_queue=2, timeout_s=1.0))
+
+
 @pytest.fixture
 def slow(models):
-    s = Server(SlowService(*models, max_batch=1, max_wait_ms=0, max_queue=2, timeout_s=1.0))
+    s = one_at_a_time(SlowService, models)
     yield s
     s.stop()
 
@@ -189,7 +194,7 @@ class SlowerService(SlowService):
 
 @pytest.fixture
 def slower(models):
-    s = Server(SlowerService(*models, max_batch=1, max_wait_ms=0, max_queue=2, timeout_s=1.0))
+    s = one_at_a_time(SlowerService, models)
     yield s
     s.stop()
 
