@@ -1,6 +1,7 @@
 """Fashion-MNIST captions for the text model: true to each image's class and measured attributes, deterministic, and
 with held-out templates and synonyms that training never sees."""
 import numpy as np
+import pytest
 
 from bigr_engine.train import captions
 
@@ -44,6 +45,26 @@ def test_held_out_phrasings_are_unseen():
     for c, (train_syn, held_syn) in captions.SYNONYMS.items():
         assert not set(train_syn) & set(held_syn)
         assert not any(h in t for h in held_syn for t in train)
+
+
+def test_readable_held_out_set_is_unseen_and_follows_its_rule():
+    train = {t for _, t, _, _ in captions.caption_table()}
+    held = captions.caption_table("held_out_readable")
+    assert {c for c, *_ in held} == set(range(10)) and not train & {t for _, t, _, _ in held}
+    train_syn = {s for c in captions.SYNONYMS for s in captions.SYNONYMS[c][0]}
+    for c, syns in captions.HELD_OUT_READABLE.items():
+        assert 1 <= len(syns) <= 2 and not set(syns) & train_syn
+        assert not any(h in t for h in syns for t in train)
+    with pytest.raises(ValueError, match="unknown caption split"):
+        captions.caption_table("test")
+    text = pytest.importorskip("bigr_engine.models.text")
+    try:
+        tok = text.minilm(max_tokens=16).tokenizer
+    except Exception as e:   # the text extra is not installed
+        pytest.skip(f"MiniLM not available: {e}")
+    for syns in captions.HELD_OUT_READABLE.values():
+        for s in syns:
+            assert not any(p.startswith("##") for p in tok.tokenize(s)), s
 
 
 def test_articles():
