@@ -39,9 +39,10 @@ TORCH_LIBRARY(bigr, m) {
   // fresh projections at positions index (B, A) int64 (distinct per row, in [0, S)), k_cache and v_cache (B, H, S, d)
   // contiguous in qkv's dtype (keys stored rotated), cos/sin (S, d/2) float32. Writes the rotated k and the v of the
   // active rows into the caches at their positions (in place), then each rotated active query attends over all S
-  // cached keys -> out (B, A, H*d) in qkv's dtype. Inference only (no backward).
+  // cached keys -> out (B, A, H*d) in qkv's dtype. Inference only (no backward). key_mask (B, S) bool, optional: as
+  // rope_attention's, over the cached positions (a text model's padding takes no part); every row keeps one key.
   m.def("rope_attention_cached(Tensor qkv, Tensor index, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
-        "Tensor sin) -> Tensor");
+        "Tensor sin, Tensor? key_mask=None) -> Tensor");
   // The transcoder block's LayerNorm (no affine) + adaLN modulation, fused: x (..., D), shift and scale both x's shape
   // (per-row) or both (D,) -> y = (x - mean) * rstd * (1 + scale) + shift in x's dtype, and mean, rstd (...) float32
   // (float64 for float64 x) for the backward.

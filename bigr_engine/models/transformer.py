@@ -141,10 +141,7 @@ class Transformer(nn.Module):
         """(B,N,K) codes, (B,N) bool mask (True = masked), labels -> sequence (B,P+N,D), adaLN input, and the key mask
         (B,P+N) (None for a class model). labels: class ids or weights; for a text model the condition tensor
         (B, L, 1 + text_dim) of models.text.pack_condition."""
-        w = self.tok_embeddings.weight
-        tok = self.tok_embeddings(codes.to(w.dtype))
-        if mask is not None:
-            tok = torch.where(mask[..., None], self.mask_tok.to(tok.dtype), tok)
+        tok = self.embed_tokens(codes, mask)
         key_mask = None
         if self.cfg.is_text:
             text_mask = labels[..., 0] > 0.5
@@ -155,6 +152,14 @@ class Transformer(nn.Module):
         x = torch.cat([e.to(tok.dtype), tok], dim=1)
         ada = self.adaLN(e).unflatten(-1, (6, -1)) if self.cfg.use_adaln else None
         return x, ada, key_mask
+
+    def embed_tokens(self, codes, mask):
+        """The image tokens' part of embed: (B,n,K) codes, (B,n) bool mask or None -> (B,n,D); per token."""
+        w = self.tok_embeddings.weight
+        tok = self.tok_embeddings(codes.to(w.dtype))
+        if mask is not None:
+            tok = torch.where(mask[..., None], self.mask_tok.to(tok.dtype), tok)
+        return tok
 
     def forward(self, codes, mask, labels, last_layer: int | None = None, attn_fn=attention_reference):
         """Run blocks 0..last_layer (all when None); returns the raw residual stream (B,P+N,D), P condition tokens."""

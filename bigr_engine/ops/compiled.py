@@ -122,19 +122,20 @@ if has_op("bigr::rope_attention"):
 
 
 def rope_attention_cached(qkv: torch.Tensor, index: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                          cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the active rows against a persistent K/V cache, fused (ops.reference.rope_attention_cached_ref):
     qkv (B, A, 3, H, d) at positions index (B, A) int64 (distinct per row), k_cache/v_cache (B, H, S, d) contiguous in
     qkv's dtype (keys stored rotated), cos/sin (S, d/2) float32. Writes the active rows' rotated k and v into the
-    caches in place, then -> out (B, A, H*d) in qkv's dtype. Inference only: not differentiable."""
-    return torch.ops.bigr.rope_attention_cached(qkv, index, k_cache, v_cache, cos, sin)
+    caches in place, then -> out (B, A, H*d) in qkv's dtype. Inference only: not differentiable. key_mask (B, S) bool,
+    optional: the cached positions that take part as keys (False on a text model's padding), at least one per row."""
+    return torch.ops.bigr.rope_attention_cached(qkv, index, k_cache, v_cache, cos, sin, key_mask)
 
 
 CUDA_CACHED_ATTENTION_MAX_HEAD_DIM = 256   # the CUDA kernel takes any even head dim up to this
 
 
 @_register_fake("bigr::rope_attention_cached")
-def _(qkv, index, k_cache, v_cache, cos, sin):
+def _(qkv, index, k_cache, v_cache, cos, sin, key_mask=None):
     torch._check(qkv.dim() == 5 and qkv.shape[2] == 3, lambda: "rope_attention_cached: qkv must be (B, A, 3, H, d)")
     B, A, _, H, d = qkv.shape
     return qkv.new_empty((B, A, H * d))

@@ -224,14 +224,15 @@ def rope_attention_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 def rope_attention_cached_ref(qkv: torch.Tensor, index: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                              cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for a subset of positions against a persistent K/V cache (the state reuse of sampling.reuse).
 
     qkv (B, A, 3, H, d): fresh projections of the A active rows per batch row, at positions index (B, A) int64 (distinct
     within a row, in [0, S)); k_cache, v_cache (B, H, S, d) in qkv's dtype, keys stored already rotated; cos/sin (S, d/2).
     First the active rows' rotated keys and values are written into the caches at their positions (in place), then
     each active query (rotated at its position) attends over all S cached keys: -> out (B, A, H*d) in qkv's dtype. With
-    A = S and index = arange(S) it is attention_reference. Softmax in float32 (float64 for float64 inputs)."""
+    A = S and index = arange(S) it is attention_reference. Softmax in float32 (float64 for float64 inputs). key_mask
+    (B, S) bool, optional: the cached positions that take part as keys (as attention_reference's)."""
     B, A, _, H, d = qkv.shape
     q, k, v = qkv.unbind(2)
     c, s = cos[index], sin[index]                                         # (B, A, d/2)
@@ -248,6 +249,8 @@ def rope_attention_cached_ref(qkv: torch.Tensor, index: torch.Tensor, k_cache: t
     v_cache.scatter_(2, at, v.transpose(1, 2).to(v_cache.dtype))
     acc = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     logits = torch.einsum("bahd,bhsd->bhas", q.to(acc), k_cache.to(acc)) / math.sqrt(d)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
     out = torch.einsum("bhas,bhsd->bahd", torch.softmax(logits, dim=-1), v_cache.to(acc))
     return out.flatten(2).to(qkv.dtype)
 

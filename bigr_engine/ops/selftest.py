@@ -218,20 +218,22 @@ def _check_attention(device, dtype, head_dim):
 
 
 def _check_attention_cached(device, dtype, head_dim):
-    """5 of 17 positions active per row (scattered, unsorted), 3 rows: the out and both caches against the twin."""
+    """5 of 17 positions active per row (scattered, unsorted), 3 rows, with a key mask (row b masks its first 2b
+    positions, as a text model's left padding; row 0 none): the out and both caches against the twin."""
     g = _gen(8)
     B, S, A, H = 3, 17, 5, 2
     qkv64 = torch.randn(B, A, 3, H, head_dim, generator=g, dtype=torch.float64)
     index = torch.stack([torch.randperm(S, generator=g)[:A] for _ in range(B)])
     k64, v64 = (torch.randn(B, H, S, head_dim, generator=g, dtype=torch.float64).to(dtype).double() for _ in range(2))
     cos, sin = reference.rope_2d_table(4, head_dim)
+    key_mask = torch.arange(S)[None, :] >= 2 * torch.arange(B)[:, None]
     k_t, v_t = k64.clone(), v64.clone()
-    truth = reference.rope_attention_cached_ref(qkv64, index, k_t, v_t, cos, sin)
+    truth = reference.rope_attention_cached_ref(qkv64, index, k_t, v_t, cos, sin, key_mask)
     k_r, v_r = k64.to(dtype), v64.to(dtype)
-    ref = reference.rope_attention_cached_ref(qkv64.to(dtype), index, k_r, v_r, cos, sin)
+    ref = reference.rope_attention_cached_ref(qkv64.to(dtype), index, k_r, v_r, cos, sin, key_mask)
     k_got, v_got = k64.to(dtype).to(device), v64.to(dtype).to(device)
     got = compiled.rope_attention_cached(qkv64.to(dtype).to(device), index.to(device), k_got, v_got, cos.to(device),
-                                         sin.to(device))
+                                         sin.to(device), key_mask.to(device))
     return _join(_close("out", got, truth, ref, dtype), _close("k_cache", k_got, k_t, k_r, dtype),
                  _exact("v_cache", v_got, v_r))
 

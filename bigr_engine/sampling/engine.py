@@ -261,10 +261,6 @@ def generate(model, labels: torch.Tensor, opts: SamplingOptions, sample_index: t
             if not cuda_graph:
                 opts = dataclasses.replace(opts, seed=seeds.to(model.device))
     reuse = state_reuse.resolve_reuse(reuse)
-    if model.cfg.is_text:   # the K/V-cache attention has no key mask: a text model runs without reuse
-        if not reuse.exact:
-            raise BigrError(f"reuse={reuse.preset!r} is not available for text models yet; use reuse='off'")
-        reuse = state_reuse.PRESETS["off"]
     plan = _make_plan(model, opts, kernels, dt, reuse)
     labels, sample_index, null = prepare_batch(model, labels, sample_index)
     if cuda_graph:   # the seeds are a static input of the graph (per row), so a new seed replays the same capture

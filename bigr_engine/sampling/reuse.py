@@ -4,16 +4,19 @@ Between two iterations of entropy-ordered generation only the tokens unmasked by
 everything else changes only through attention. Two tiers use that:
 
 - exact (the default): the layer-0 attention projections of a token depend on nothing but its own input (its code or
-  the mask token, the class adaLN), so they are kept from round to round and recomputed only for the tokens the last
-  round unmasked. Same codes as no reuse, bit for bit (every op involved is per row).
-- approximate (`cache=True`, the "fast" preset): a cached round recomputes only an *active set* of sequence rows (the
-  condition token, the tokens unmasked by the last round, and the `active` x (this round's unmask count) still-masked
+  the mask token, the class adaLN; a text token's embedding), so they are kept from round to round and recomputed
+  only for the tokens the last round unmasked. Same codes as no reuse, bit for bit (every op involved is per row).
+- approximate (`cache=True`, the "fast" preset): a cached round recomputes only an *active set* of sequence rows (a
+  class model's condition token, the tokens unmasked by the last round, and the `active` x (this round's unmask count) still-masked
   tokens that the last prediction found most confident: those this round is about to decide); every other row keeps
   its per-layer keys and values from the round that last computed it (a K/V cache, attended through
   `Kernels.attention_cached`), and a masked token outside the active set keeps its last transcoder p0 and skips the
   transcoder, which is most of the work. The first `warmup` rounds and every `refresh`-th are full (exact) rounds;
   `sweep` adds to each cached round's set the masked tokens whose p0 is oldest.
   This changes samples: its cost in quality on the bundled model is measured by bench/reuse.py.
+  A text model's L text tokens go through the same cache: a cached round keeps their keys and values from the last
+  full round (recomputing all L rows would cost more than the active set itself), and the key mask keeps their
+  padding out of every round's attention.
 
 Every size is fixed by the options ahead of the loop (as the unmask counts are), so shapes stay static, nothing waits
 on the host, and a call with reuse is captured as a CUDA graph like one without.
@@ -140,6 +143,7 @@ class ReuseState:
         self.age = torch.zeros(B, N, device=device, dtype=torch.float32)   # the round each token's p0 comes from
         self.prev_mask: torch.Tensor | None = None    # the mask before the previous round
         self.qkv0_mask: torch.Tensor | None = None    # the mask qkv0 was computed for
+        self.key_mask: torch.Tensor | None = None     # a text model's (B', L + N) key mask, from the full rounds
 
 
 def conditions_full(model, codes, mask, cond_labels, kernels, state: ReuseState, rr: RoundReuse, branches: int):
@@ -148,25 +152,28 @@ def conditions_full(model, codes, mask, cond_labels, kernels, state: ReuseState,
     last computed) and, with
     cache=True, every layer's rotated keys and values."""
     tr = model.transformer
-    x, ada, _ = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)   # class models only
+    P = tr.cfg.cond_tokens
+    x, ada, key_mask = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)
+    state.key_mask = key_mask
     cos, sin = tr.rope(x.device)
     reuse = state.reuse
     for li, layer in enumerate(tr.layers):
         if li == 0 and reuse.layer0:
-            qkv = _layer0_projections(layer, x, ada, mask, state, rr, branches)
+            qkv = _layer0_projections(layer, x, ada, mask, state, rr, branches, P)
         else:
             qkv = layer.qkv(x, ada)
         if reuse.cache:
             _store_kv(state, li, qkv, cos, sin, len(tr.layers))
-        x = layer.after_attention(x, kernels.attention(qkv, cos, sin), ada)
-    return tr.norm(x)[:, 1:] + tr.diffusion_pos_embed_learned
+        attn = kernels.attention(qkv, cos, sin) if key_mask is None else kernels.attention(qkv, cos, sin, key_mask)
+        x = layer.after_attention(x, attn, ada)
+    return tr.norm(x)[:, P:] + tr.diffusion_pos_embed_learned
 
 
-def _layer0_projections(layer, x, ada, mask, state: ReuseState, rr: RoundReuse, branches: int):
+def _layer0_projections(layer, x, ada, mask, state: ReuseState, rr: RoundReuse, branches: int, P: int):
     if state.qkv0 is None:
         state.qkv0 = layer.qkv(x, ada)
     elif rr.stale:
-        rows = first_true(state.qkv0_mask & ~mask, rr.stale).repeat(branches, 1) + 1        # sequence positions (B', c)
+        rows = first_true(state.qkv0_mask & ~mask, rr.stale).repeat(branches, 1) + P        # sequence positions (B', c)
         x_rows = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
         fresh = layer.qkv(x_rows, ada)                                                  # (B', c, 3, H, d)
         at = rows[:, :, None, None, None].expand(-1, -1, *fresh.shape[2:])
@@ -184,28 +191,37 @@ def _store_kv(state: ReuseState, li: int, qkv, cos, sin, n_layer: int):
 
 
 def conditions_cached(model, codes, mask, cond_labels, kernels, state: ReuseState, rr: RoundReuse, branches: int):
-    """A cached round's transformer: only the active rows (condition token, the `rr.changed` tokens unmasked last
-    round, the `rr.active` most confident masked tokens by the last p0, the `rr.sweep` oldest others) -> (their z
-    (B', active + sweep, D), their token positions (B, active + sweep)); the active rows' keys and values are
-    refreshed in the caches on the way."""
+    """A cached round's transformer: only the active rows (a class model's condition token, the `rr.changed` tokens
+    unmasked last round, the `rr.active` most confident masked tokens by the last p0, the `rr.sweep` oldest others) ->
+    (their z (B', active + sweep, D), their token positions (B, active + sweep)); the active rows' keys and values are
+    refreshed in the caches on the way. A text model's text rows stay as the last full round cached them."""
     tr = model.transformer
+    P = tr.cfg.cond_tokens
+    text = tr.cfg.is_text
     B, N, _ = codes.shape
     conf = confidence(state.p0).masked_fill(~mask, float("-inf"))
     cand = torch.sort(conf, dim=1, descending=True, stable=True).indices[:, :rr.active]          # (B, active)
     if rr.sweep:   # the masked tokens whose p0 is oldest (not already chosen), lowest position first among equals
         age = state.age.masked_fill(~mask, float("inf")).scatter(1, cand, float("inf"))
         cand = torch.cat([cand, torch.sort(age, dim=1, stable=True).indices[:, :rr.sweep]], 1)
-    parts = [torch.zeros(B, 1, dtype=torch.long, device=codes.device)]
+    parts = [] if text else [torch.zeros(B, 1, dtype=torch.long, device=codes.device)]
     if rr.changed:
-        parts.append(first_true(state.prev_mask & ~mask, rr.changed) + 1)
-    parts.append(cand + 1)
+        parts.append(first_true(state.prev_mask & ~mask, rr.changed) + P)
+    parts.append(cand + P)
     rows = torch.cat(parts, 1).repeat(branches, 1)                                               # (B', A)
-    x, ada, _ = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)   # class models only
-    x = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
+    if text:   # embed only the active image rows; the text rows' keys and values are in the caches already
+        x = tr.embed_tokens(torch.gather(codes, 1, rows[:B, :, None].expand(-1, -1, codes.shape[-1]) - P),
+                            torch.gather(mask, 1, rows[:B] - P)).repeat(branches, 1, 1)
+        ada, key_mask = None, state.key_mask
+    else:
+        x, ada, key_mask = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)
+        x = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
     cos, sin = tr.rope(x.device)
     for li, layer in enumerate(tr.layers):
         qkv = layer.qkv(x, ada)
-        x = layer.after_attention(x, kernels.attention_cached(qkv, rows, state.k[li], state.v[li], cos, sin), ada)
-    first = 1 + rr.changed
+        attn = (kernels.attention_cached(qkv, rows, state.k[li], state.v[li], cos, sin) if key_mask is None else
+                kernels.attention_cached(qkv, rows, state.k[li], state.v[li], cos, sin, key_mask))
+        x = layer.after_attention(x, attn, ada)
+    first = (0 if text else 1) + rr.changed
     pos = tr.diffusion_pos_embed_learned[0][cand.repeat(branches, 1)]                            # (B', active, D)
     return tr.norm(x[:, first:]) + pos, cand

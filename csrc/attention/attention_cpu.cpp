@@ -634,7 +634,8 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& qkv, const at::
 // prepares a head's keys (transposed) and values from the caches once per contiguous range of tasks.
 template <typename scalar_t, typename T>
 void cached_impl(const at::Tensor& qkv, const int64_t* pos, at::Tensor& k_cache, at::Tensor& v_cache,
-                 const at::Tensor& cos, const at::Tensor& sin, const CachedAttnDims& d, at::Tensor& out) {
+                 const at::Tensor& cos, const at::Tensor& sin, const CachedAttnDims& d, const uint8_t* keep,
+                 at::Tensor& out) {
   const int64_t A = d.A, S = d.S, H = d.H, D = d.D, half = D / 2, BH = d.B * H;
   const int64_t Dp = round_up(D, VL), Sp = round_up(S, VL);
   const QkvView<scalar_t> x = qkv_view<scalar_t>(qkv);
@@ -692,7 +693,7 @@ void cached_impl(const at::Tensor& qkv, const int64_t* pos, at::Tensor& k_cache,
         rope_row(x.row(b, r0 + r, 0, h), cs + p * half, sn + p * half, half, qr);
         std::fill(qr + D, qr + Dp, T(0));
       }
-      attend_block(q, kt, v, nr, S, Sp, D, Dp, R, C, scale, s, o, m, l, corr);
+      attend_block(q, kt, v, nr, S, Sp, D, Dp, R, C, scale, s, o, m, l, corr, keep ? keep + b * S : nullptr);
       for (int64_t r = 0; r < nr; ++r) {
         const T inv = T(1) / l[r];
         scalar_t* dst = o_out + ((b * A + r0 + r) * H + h) * D;
@@ -753,9 +754,12 @@ at::Tensor rope_attention_backward_cpu(const at::Tensor& grad_out_in, const at::
 }
 
 at::Tensor rope_attention_cached_cpu(const at::Tensor& qkv_in, const at::Tensor& index_in, at::Tensor& k_cache,
-                                     at::Tensor& v_cache, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+                                     at::Tensor& v_cache, const at::Tensor& cos_in, const at::Tensor& sin_in,
+                                     const std::optional<at::Tensor>& key_mask) {
   const char* op = "rope_attention_cached";
   const CachedAttnDims d = check_rope_attention_cached_inputs(op, qkv_in, index_in, k_cache, v_cache, cos_in, sin_in);
+  at::Tensor keep_hold;   // over the S cached positions
+  const uint8_t* keep = key_mask_bytes(op, key_mask, AttnDims{d.B, d.S, d.H, d.D}, qkv_in, keep_hold);
   const at::Tensor qkv = last_dim_contiguous(qkv_in), cos = cos_in.contiguous(), sin = sin_in.contiguous();
   const at::Tensor index = index_in.contiguous();
   at::Tensor out = at::empty({d.B, d.A, d.H * d.D}, qkv.options());
@@ -775,7 +779,7 @@ at::Tensor rope_attention_cached_cpu(const at::Tensor& qkv_in, const at::Tensor&
     }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_attention_cached_cpu", [&] {
-    cached_impl<scalar_t, math_t<scalar_t>>(qkv, pos, k_cache, v_cache, cos, sin, d, out);
+    cached_impl<scalar_t, math_t<scalar_t>>(qkv, pos, k_cache, v_cache, cos, sin, d, keep, out);
   });
   return out;
 }

@@ -972,7 +972,7 @@ __global__ void __launch_bounds__(kThreads) cached_attn_kernel(const T* __restri
                                                                const float* __restrict__ cos,
                                                                const float* __restrict__ sin, T* __restrict__ out,
                                                                int A, int S, int H, int D, int tiles,
-                                                               float scale_log2) {
+                                                               float scale_log2, const uint8_t* __restrict__ keep) {
   constexpr int DP = 32 * NC, BN = kCachedKeys;
   extern __shared__ __align__(16) unsigned char smem[];
   const int LK = D + 1, half = D / 2;
@@ -1032,8 +1032,10 @@ __global__ void __launch_bounds__(kThreads) cached_attn_kernel(const T* __restri
       float a = 0.f;
 #pragma unroll 8
       for (int c = 0; c < D; ++c) a += qr[c] * kr[c];
-      const float sc = lane < nk ? a * scale_log2 : -INFINITY;
-      const float m_new = fmaxf(m[rr], warp_max(sc));  // finite: lane 0's key is valid
+      // a masked key (keep: the key mask's bytes) gets the finite kMaskedLogit, as in rope_attention's kernels
+      const float sc = lane < nk ? (kept(keep, static_cast<int>(b), S, k0 + lane) ? a * scale_log2 : kMaskedLogit)
+                                 : -INFINITY;
+      const float m_new = fmaxf(m[rr], warp_max(sc));  // finite: lane 0's key is valid (kept or kMaskedLogit)
       const float corr = exp2f(m[rr] - m_new);         // 0 on the first tile
       const float pr = exp2f(sc - m_new);              // 0 for the tile's missing keys
       l[rr] = l[rr] * corr + warp_sum(pr);
@@ -1064,7 +1066,8 @@ __global__ void __launch_bounds__(kThreads) cached_attn_kernel(const T* __restri
 
 template <typename T, int NC>
 void cached_cuda(const at::Tensor& qkv, const at::Tensor& index, at::Tensor& k_cache, at::Tensor& v_cache,
-                 const at::Tensor& cos, const at::Tensor& sin, const CachedAttnDims& d, at::Tensor& out) {
+                 const at::Tensor& cos, const at::Tensor& sin, const CachedAttnDims& d, const uint8_t* keep,
+                 at::Tensor& out) {
   const int A = static_cast<int>(d.A), S = static_cast<int>(d.S), H = static_cast<int>(d.H);
   const int D = static_cast<int>(d.D);
   const auto* x = reinterpret_cast<const T*>(qkv.data_ptr());
@@ -1082,14 +1085,17 @@ void cached_cuda(const at::Tensor& qkv, const at::Tensor& index, at::Tensor& k_c
   const float scale_log2 = static_cast<float>(kLog2e / std::sqrt(static_cast<double>(D)));
   launch(cached_attn_kernel<T, NC>, dim3(static_cast<unsigned>(d.B * d.H * tiles)), smem, x, qkv_strides(qkv), ix,
          static_cast<const T*>(kc), static_cast<const T*>(vc), cs, sn, reinterpret_cast<T*>(out.data_ptr()), A, S,
-         H, D, tiles, scale_log2);
+         H, D, tiles, scale_log2, keep);
 }
 
 at::Tensor rope_attention_cached_cuda(const at::Tensor& qkv_in, const at::Tensor& index_in, at::Tensor& k_cache,
-                                      at::Tensor& v_cache, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+                                      at::Tensor& v_cache, const at::Tensor& cos_in, const at::Tensor& sin_in,
+                                      const std::optional<at::Tensor>& key_mask) {
   const char* op = "rope_attention_cached";
   const CachedAttnDims d = check_rope_attention_cached_inputs(op, qkv_in, index_in, k_cache, v_cache, cos_in, sin_in);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
+  at::Tensor keep_hold;   // over the S cached positions
+  const uint8_t* keep = key_mask_bytes(op, key_mask, AttnDims{d.B, d.S, d.H, d.D}, qkv_in, keep_hold);
   BIGR_CHECK(d.D <= kCachedMaxHeadDim, op, ": the CUDA kernel takes even head dims up to ", kCachedMaxHeadDim,
              ", got d=", d.D);
   BIGR_CHECK(d.S < (int64_t{1} << 31) && d.H < (int64_t{1} << 31), op, ": S=", d.S, " or H=", d.H, " is too large");
@@ -1101,10 +1107,10 @@ at::Tensor rope_attention_cached_cuda(const at::Tensor& qkv_in, const at::Tensor
   at::Tensor out = at::empty({d.B, d.A, d.H * d.D}, qkv.options());
   if (out.numel() == 0) return out;
   const auto run = [&]<typename T>() {
-    if (d.D <= 32) cached_cuda<T, 1>(qkv, index, k_cache, v_cache, cos, sin, d, out);
-    else if (d.D <= 64) cached_cuda<T, 2>(qkv, index, k_cache, v_cache, cos, sin, d, out);
-    else if (d.D <= 128) cached_cuda<T, 4>(qkv, index, k_cache, v_cache, cos, sin, d, out);
-    else cached_cuda<T, 8>(qkv, index, k_cache, v_cache, cos, sin, d, out);
+    if (d.D <= 32) cached_cuda<T, 1>(qkv, index, k_cache, v_cache, cos, sin, d, keep, out);
+    else if (d.D <= 64) cached_cuda<T, 2>(qkv, index, k_cache, v_cache, cos, sin, d, keep, out);
+    else if (d.D <= 128) cached_cuda<T, 4>(qkv, index, k_cache, v_cache, cos, sin, d, keep, out);
+    else cached_cuda<T, 8>(qkv, index, k_cache, v_cache, cos, sin, d, keep, out);
   };
   switch (qkv.scalar_type()) {
     case at::kFloat: run.template operator()<float>(); break;

@@ -98,8 +98,41 @@ def test_bad_conditions():
         model.generate(torch.zeros(2, 5, 13))
     with pytest.raises(BigrError, match="no text encoder attached"):
         model.generate(["a dark bag"])
-    with pytest.raises(BigrError, match="reuse='fast' is not available for text models"):
-        model.generate(condition([2]), reuse="fast")
+
+
+# State reuse (sampling.reuse): the text tokens go through the same layer-0 reuse and K/V cache as image tokens.
+REUSE_OPTS = [dict(seed=3, cfg=2.0, iters=6, steps=5, gumbel=0.5), dict(greedy=True, cfg=1.5, iters=8, steps=4),
+              dict(seed=1, cfg=1.0, iters=5, steps=4, gumbel=0.3)]
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("opts", REUSE_OPTS, ids=["sampled", "greedy", "no-cfg"])
+def test_exact_reuse_gives_the_same_codes(ops, opts):
+    model = text_model(5)
+    c = condition([2, 6, 4, 1, 3], seed=6)
+    so = model.sampling_options(**opts)
+    off = model.generate_with(c, so, ops=ops, reuse="off")
+    assert torch.equal(model.generate_with(c, so, ops=ops, reuse="exact"), off)
+    assert torch.equal(model.generate_with(c, so, ops=ops), off)                  # exact is the default
+    # the approximate tier with every round full is the same computation
+    assert torch.equal(model.generate_with(c, so, ops=ops, reuse={"preset": "fast", "warmup": 100}), off)
+
+
+@pytest.mark.parametrize("ops", OPS)
+def test_fast_reuse_masks_padding_and_is_batch_independent(ops):
+    model = text_model(6)
+    c = condition([2, 6, 4, 1, 3], seed=7)
+    so = model.sampling_options(seed=2, cfg=2.0, iters=8, steps=4, gumbel=0.3)
+    off = model.generate_with(c, so, ops=ops, reuse="off")
+    fast = model.generate_with(c, so, ops=ops, reuse="fast")
+    # padding is masked in the cached rounds too: noise in the padded positions changes nothing
+    emb, m = unpack_condition(c)
+    noisy = pack_condition(torch.where(m[..., None], emb, 5 * torch.randn_like(emb)), m)
+    assert torch.equal(model.generate_with(noisy, so, ops=ops, reuse="fast"), fast)
+    alone = model.generate_with(c[1:3], so, torch.tensor([1, 2]), ops=ops, reuse="fast")
+    assert torch.equal(alone, fast[1:3])
+    agree = (fast == off).float().mean().item()
+    assert not torch.equal(fast, off) and agree > 0.6, agree
 
 
 def test_representation_uses_the_null_text():

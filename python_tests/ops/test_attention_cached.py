@@ -60,17 +60,18 @@ def written_mask(index, S):
     return m
 
 
-def run_case(device, dtype, B, A, S, H, d, seed, scale=1.0, index=None):
+def run_case(device, dtype, B, A, S, H, d, seed, scale=1.0, index=None, key_mask=None):
     qkv, index, k0, v0 = make_case(B, A, S, H, d, seed, dtype, scale, index)
     cos, sin = table(S, d)
     k, v = k0.to(device), v0.to(device)
     poison(device)
-    out = op(qkv.to(device), index.to(device), k, v, cos.to(device), sin.to(device))
+    out = op(qkv.to(device), index.to(device), k, v, cos.to(device), sin.to(device),
+             None if key_mask is None else key_mask.to(device))
     assert out.shape == (B, A, H * d) and out.dtype == dtype and out.device.type == device
     k_ref, v_ref = k0.clone(), v0.clone()
-    ref = rope_attention_cached_ref(qkv, index, k_ref, v_ref, cos, sin)
+    ref = rope_attention_cached_ref(qkv, index, k_ref, v_ref, cos, sin, key_mask)
     k_64, v_64 = k0.double(), v0.double()
-    oracle = rope_attention_cached_ref(qkv.double(), index, k_64, v_64, cos, sin)
+    oracle = rope_attention_cached_ref(qkv.double(), index, k_64, v_64, cos, sin, key_mask)
     check_close(out, ref, oracle, ATOL[dtype], "out")
     # The caches: the twin's exactly (rotation in float32 without fused multiply-adds, rounded once to the dtype);
     # nothing left unwritten, nothing else touched.
@@ -231,6 +232,94 @@ def test_errors():
     with pytest.raises(RuntimeError, match="active rows"):      # A > S
         op(torch.randn(1, 3, 3, 1, 16), torch.tensor([[0, 1, 2]]), torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16),
            cos[:2], sin[:2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# key_mask: a text model's left padding takes no part as keys (the state reuse of text models).
+
+def left_padded(B, S, P):
+    """(B, S) bool: row b masks its first pad_b positions, pad_b spread from 0 (row 0: nothing masked) to P - 1."""
+    pad = torch.tensor([b * (P - 1) // max(1, B - 1) for b in range(B)])
+    return torch.arange(S)[None, :] >= pad[:, None]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,A,S,H,d,P", [(3, 7, 26, 2, 32, 16), (2, 20, 82, 3, 64, 17), (2, 70, 290, 1, 64, 270),
+                                         (4, 1, 17, 1, 16, 4)])
+def test_key_mask_against_the_twin(device, dtype, B, A, S, H, d, P):
+    """Left-padded masks, including a padding run longer than the CPU kernel's 256-key column block (so that a whole
+    block is masked and must leave the running max finite)."""
+    run_case(device, dtype, B, A, S, H, d, seed=S + P, key_mask=left_padded(B, S, P))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_key_mask_random_and_all_true(device):
+    """A random mask (one kept key per row at least) against the twin; an all-True mask equals no mask bit for bit."""
+    B, A, S, H, d = 3, 9, 50, 2, 32
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(B, S, generator=g) < 0.4
+    mask[:, 7] = True
+    for dtype in DTYPES:
+        run_case(device, dtype, B, A, S, H, d, seed=101, key_mask=mask)
+    qkv, index, k0, v0 = make_case(B, A, S, H, d, 102)
+    cos, sin = table(S, d, device)
+    outs = []
+    for km in (None, torch.ones(B, S, dtype=torch.bool, device=device)):
+        k, v = k0.to(device), v0.to(device)
+        outs.append(op(qkv.to(device), index.to(device), k, v, cos, sin, km))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_keys_get_no_weight(device):
+    """Whatever the cache holds at masked positions (here huge values) does not reach the output; active rows at
+    masked positions are still written into the caches."""
+    B, A, S, H, d = 2, 5, 26, 2, 16
+    mask = left_padded(B, S, 9)
+    mask[1, :6] = False
+    qkv, _, k0, v0 = make_case(B, A, S, H, d, 111, index=torch.tensor([[0, 3, 10, 11, 25], [1, 2, 12, 20, 21]]))
+    index = torch.tensor([[0, 3, 10, 11, 25], [1, 2, 12, 20, 21]])
+    cos, sin = table(S, d, device)
+    outs = []
+    for fill in (0.0, 1e4):
+        k, v = torch.nan_to_num(k0).clone(), torch.nan_to_num(v0).clone()
+        k[~mask[:, None, :, None].expand_as(k)] = fill
+        v[~mask[:, None, :, None].expand_as(v)] = fill
+        k, v = k.to(device), v.to(device)
+        outs.append(op(qkv.to(device), index.to(device), k, v, cos, sin, mask.to(device)).cpu())
+        assert torch.isfinite(k).all() and (k.cpu()[1, :, 1] != fill).any()   # position 1 of row 1 was written
+    # the active rows at masked positions were rewritten from qkv, so both runs see the same caches where it matters
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_key_mask_opcheck(device):
+    g = torch.Generator().manual_seed(121)
+    B, A, S, H, d = 2, 3, 10, 2, 16
+    qkv = torch.randn(B, A, 3, H, d, generator=g).to(device)
+    index = torch.stack([torch.randperm(S, generator=g)[:A] for _ in range(B)]).to(device)
+    k, v = (torch.randn(B, H, S, d, generator=g).to(device) for _ in range(2))
+    angles = torch.randn(S, d // 2, generator=g)
+    mask = left_padded(B, S, 4).to(device)
+    torch.library.opcheck(torch.ops.bigr.rope_attention_cached.default,
+                          (qkv, index, k, v, angles.cos().to(device), angles.sin().to(device), mask))
+
+
+def test_key_mask_errors():
+    B, A, S, H, d = 2, 3, 17, 2, 16
+    qkv, index, k, v = make_case(B, A, S, H, d, 131)
+    k, v = torch.nan_to_num(k), torch.nan_to_num(v)
+    cos, sin = table(S, d)
+    k0, v0 = k.clone(), v.clone()
+    bad_row = torch.ones(B, S, dtype=torch.bool)
+    bad_row[1] = False
+    for mask, message in ((torch.ones(B, S - 1, dtype=torch.bool), r"key_mask must be \(B, S\)"),
+                          (torch.ones(B, S), "key_mask must be bool"),
+                          (bad_row, "masks every key of a row")):
+        with pytest.raises(RuntimeError, match=message):
+            op(qkv, index, k, v, cos, sin, mask)
+    assert torch.equal(k, k0) and torch.equal(v, v0)          # a refused call writes nothing
 
 
 def test_kernel_choice():
