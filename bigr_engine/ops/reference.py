@@ -224,7 +224,8 @@ def rope_attention_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 def rope_attention_cached_ref(qkv: torch.Tensor, index: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                              cos: torch.Tensor, sin: torch.Tensor,
+                              key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for a subset of positions against a persistent K/V cache (the state reuse of sampling.reuse).
 
     qkv (B, A, 3, H, d): fresh projections of the A active rows per batch row, at positions index (B, A) int64 (distinct
