@@ -11,8 +11,8 @@ everything else changes only through attention. Two tiers use that:
   count) still-masked tokens that the last prediction found most confident: those this round is about to decide);
   every other row keeps its per-layer keys and values from the round that last computed it (a K/V cache, attended
   through `Kernels.attention_cached`), and a masked token outside the active set keeps its last transcoder p0 and
-  skips the transcoder, which is most of the work. The first `warmup` rounds and every `refresh`-th are full (exact) rounds;
-  `sweep` adds to each cached round's set the masked tokens whose p0 is oldest.
+  skips the transcoder, which is most of the work. The first `warmup` rounds and every `refresh`-th are full (exact)
+  rounds; `sweep` adds to each cached round's set the masked tokens whose p0 is oldest.
   This changes samples: its cost in quality on the bundled model is measured by bench/reuse.py.
   A text model's L text tokens go through the same cache: a cached round keeps their keys and values from the last
   full round (recomputing all L rows would cost more than the active set itself), and the key mask keeps their
