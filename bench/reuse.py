@@ -3,6 +3,8 @@
     python bench/reuse.py time                                 # bundled model: ms/image per config, ratio to exact
     python bench/reuse.py time --preset BiGR-L --batch 2 --iters 10 --steps 25   # random weights at BiGR-L shapes
     python bench/reuse.py quality --n 1000                     # bundled model: accuracy, FD, bit agreement (cached)
+    python bench/reuse.py time --preset bundled-text           # the bundled text model (prompts encoded beforehand)
+    python bench/reuse.py quality --preset bundled-text --n 1000   # its class agreement, FD, bit agreement
     python bench/reuse.py drift                                # teacher-forced K/V and p0 drift per layer and round
     python bench/reuse.py plot                                 # the speed/quality frontier from the rows written
 
@@ -13,7 +15,9 @@ timed --repeats times (median), and appends rows to bench/results/<device>/reuse
 in chunks under --work so a stopped run resumes), then scores them as tools/quality_report.py does (classifier
 accuracy; Frechet distance on EfficientNet-Lite0 features against --fd-ref test images, beside the floor of as many
 real train images) and counts the bits that agree with the exact engine's codes; -> bench/results/default-model/
-reuse_quality.{json,md}. `plot` draws bench/results/default-model/reuse_frontier.png (speed-up vs accuracy and FD).
+reuse_quality.{json,md} (bench/results/default-text-model/ for --preset bundled-text: sample i asks for class i % 10
+with the prompt "a photo of a <its first training synonym>", and accuracy is the classifier's agreement with that class).
+`plot` draws bench/results/default-model/reuse_frontier.png (speed-up vs accuracy and FD).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ DEFAULT_CONFIGS = ["exact", "fast", "fast:warmup=2", "fast:refresh=5", "fast:war
                    "fast:refresh=0,active=1.5", "fast:refresh=0,active=1,sweep=6", "fast:refresh=0,active=1.5,sweep=4",
                    "fast:refresh=8,active=1.5,sweep=3"]
 QUALITY_DIR = ROOT / "bench" / "results" / "default-model"
+TEXT_QUALITY_DIR = ROOT / "bench" / "results" / "default-text-model"
 CHUNK = 100
 
 
@@ -66,9 +71,29 @@ def cache_name(spec: dict) -> str:
     return name + (f"_sweep{r.sweep}" if r.sweep else "")
 
 
+def class_prompts() -> list[str]:
+    """The text model's prompt for each class: a training template with the class's first training synonym."""
+    from bigr_engine.train import captions
+    return [captions.caption("a photo of a {attr}{item}", captions.SYNONYMS[c][0][0]) for c in range(10)]
+
+
+def conditions_for(model, idx: torch.Tensor):
+    """What sample i is conditioned on: class i % 10, or for a text model the condition tensor of that class's
+    prompt (encoded once per call, outside the timed engine)."""
+    if not model.cfg.is_text:
+        return idx % model.cfg.num_classes
+    from bigr_engine.models.text import pack_condition
+    table = pack_condition(*model.text_encoder(class_prompts())).to(model.device)
+    return table[idx % 10]
+
+
 def load_model(args):
     if args.preset == "bundled":
         model, bae = be.load_default()
+        return model.to(args.device).eval(), bae, model.default_sampling
+    if args.preset == "bundled-text":
+        from bigr_engine.io.default import load_default_text
+        model, bae = load_default_text()
         return model.to(args.device).eval(), bae, model.default_sampling
     torch.manual_seed(0)
     cfg = be.BiGRConfig(**PRESETS[args.preset]) if args.preset in PRESETS else be.bigr_preset(args.preset)
@@ -84,7 +109,7 @@ def cmd_time(args) -> None:
                            if v is not None})
     gpu = args.device.startswith("cuda")
     batch = args.batch or (64 if gpu else 16)
-    labels = torch.arange(batch) % model.cfg.num_classes
+    labels = conditions_for(model, torch.arange(batch))
     configs = args.configs or DEFAULT_CONFIGS
     if configs[0] != "exact":
         configs = ["exact"] + [c for c in configs if c != "exact"]
@@ -128,7 +153,8 @@ def generate_chunks(work: Path, model, bae, spec: dict, name: str, n: int, seed:
     for c in tqdm(todo, desc=f"generate {name}", unit="chunk"):
         idx = torch.arange(c * CHUNK, (c + 1) * CHUNK)
         t = time.perf_counter()
-        codes = engine.generate(model, idx % 10, model.default_sampling.replace(seed=seed), idx, reuse=spec)
+        codes = engine.generate(model, conditions_for(model, idx), model.default_sampling.replace(seed=seed), idx,
+                                reuse=spec)
         seconds += time.perf_counter() - t
         images = qr.generated_to_gray28(bae.decode(codes))
         tmp = folder / f"chunk_{c:04d}.tmp.npz"
@@ -143,12 +169,17 @@ def cmd_quality(args) -> None:
     from bigr_engine.train import fashion_mnist as fm
     if args.n % CHUNK:
         raise SystemExit(f"--n must be a multiple of {CHUNK}")
+    text = args.preset == "bundled-text"
+    if args.preset not in ("bundled", "bundled-text"):
+        raise SystemExit("quality runs on --preset bundled or bundled-text (it needs a trained model)")
     work = Path(args.work)
-    model, bae, _ = load_model(argparse.Namespace(preset="bundled", device="cpu"))
+    if text and args.work == str(ROOT / "runs" / "reuse"):
+        work = ROOT / "runs" / "reuse-text"
+    model, bae, _ = load_model(argparse.Namespace(preset=args.preset, device="cpu"))
     train_x, train_y = fm.load("train")
     test_x, test_y = fm.load("test")
     data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-    clf, clf_acc = qr.get_classifier(work, data, 3)
+    clf, clf_acc = qr.get_classifier(ROOT / "runs" / "reuse", data, 3)
     net = {}
     test_f = qr.cached_features(work, f"test{args.fd_ref}", test_x[:args.fd_ref], net)
     subset = np.random.RandomState(0).permutation(len(train_x))[:args.n]
@@ -179,16 +210,22 @@ def cmd_quality(args) -> None:
                   device=device_name("cpu"), sampling=model.default_sampling.__dict__, n=args.n, fd_ref=args.fd_ref,
                   fd_floor_train_vs_test=floor, classifier_test_accuracy=clf_acc, results=results,
                   fd_label=qr.FD_LABEL)
-    QUALITY_DIR.mkdir(parents=True, exist_ok=True)
-    (QUALITY_DIR / "reuse_quality.json").write_text(json.dumps(report, indent=1) + "\n")
-    (QUALITY_DIR / "reuse_quality.md").write_text(quality_markdown(report))
-    print(f"wrote {QUALITY_DIR / 'reuse_quality.md'}")
+    if text:
+        report["prompts"] = class_prompts()
+    out = TEXT_QUALITY_DIR if text else QUALITY_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reuse_quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "reuse_quality.md").write_text(quality_markdown(report))
+    print(f"wrote {out / 'reuse_quality.md'}")
 
 
 def quality_markdown(r: dict) -> str:
-    lines = ["# Quality cost of state reuse on the bundled model", "",
-             f"Command: `{r['command']}` ({r['date']}, {r['device']}). {r['n']} samples per config (sample i: class "
-             f"i % 10, index i, seed 0) at the model's tuned sampling; classifier accuracy = mean per-class accuracy "
+    which = "the bundled text model" if "prompts" in r else "the bundled model"
+    cond = ("the prompt of class i % 10 (" + "; ".join(f"'{p}'" for p in r["prompts"]) + ")") if "prompts" in r \
+        else "class i % 10"
+    lines = [f"# Quality cost of state reuse on {which}", "",
+             f"Command: `{r['command']}` ({r['date']}, {r['device']}). {r['n']} samples per config (sample i: "
+             f"{cond}, index i, seed 0) at the model's tuned sampling; classifier accuracy = mean per-class accuracy "
              f"of the small CNN of tools/quality_report.py (real test accuracy {100 * r['classifier_test_accuracy']:.2f}%); "
              f"{r['fd_label']}: the samples vs the first {r['fd_ref']} test images; floor: {r['n']} real train images "
              f"vs the same, {r['fd_floor_train_vs_test']:.2f}. Bit agreement: the fraction of code bits equal to the "

@@ -138,15 +138,22 @@ def sample_classes(num_classes: int, most: int = 8) -> list[int]:
     return sorted({round(i * (num_classes - 1) / max(1, n - 1)) for i in range(n)})
 
 
-def write_sample_grid(ema: BiGR, bae, recipe: TrainRecipe, step: int, out: Path):
+def write_sample_grid(ema: BiGR, bae, recipe: TrainRecipe, step: int, out: Path,
+                      text: TextConditions | None = None):
     """Generate a class-conditional grid (one row per class) with the EMA weights, decode it with the B-AE and
-    write out/samples/step_XXXXXXX.png atomically; -> (path, grid uint8). The same seed and sample indices at every
-    step, so the grids of one run show how the same samples evolve. The global torch RNG is left as it was."""
+    write out/samples/step_XXXXXXX.png atomically; -> (path, grid uint8). A text model's rows are up to 8 captions
+    spread evenly over its caption table (`text`; rows sample_classes(len(table)) of it). The same seed and sample
+    indices at every step, so the grids of one run show how the same samples evolve. The global torch RNG is left
+    as it was."""
     from bigr_engine.io.files import write_files_atomic
     from bigr_engine.io.images import make_grid, png_bytes, to_uint8
     cfg = ema.cfg
-    classes = sample_classes(cfg.num_classes)
-    labels = torch.tensor(classes, device=ema.device).repeat_interleave(recipe.sample_per_class)
+    if text is not None:
+        rows = torch.tensor(sample_classes(len(text.table)))
+        labels = text.table[rows].to(ema.device).repeat_interleave(recipe.sample_per_class, dim=0)
+    else:
+        classes = sample_classes(cfg.num_classes)
+        labels = torch.tensor(classes, device=ema.device).repeat_interleave(recipe.sample_per_class)
     rng_state = torch.get_rng_state()
     was_training = ema.training
     try:
@@ -238,7 +245,7 @@ def train(codes: torch.Tensor, labels, cfg: BiGRConfig, recipe: TrainRecipe, out
         opt.load_state_dict(st["opt"])
         start = st["step"]
     log = JsonlLog(out / "log.jsonl") if rank == 0 else None
-    sampling = recipe.sample_every > 0 and bae is not None and not cfg.is_text   # grids: class models only
+    sampling = recipe.sample_every > 0 and bae is not None
     if log:
         notes = [ops_note] if ops_note else []
         if log.tb is None:
@@ -284,7 +291,8 @@ def train(codes: torch.Tensor, labels, cfg: BiGRConfig, recipe: TrainRecipe, out
             if on_save:
                 on_save(step + 1, ema.model)
         if rank == 0 and sampling and ((step + 1) % recipe.sample_every == 0 or step == recipe.steps - 1):
-            path, grid = write_sample_grid(ema.model, bae, recipe, step + 1, out)
+            path, grid = write_sample_grid(ema.model, bae, recipe, step + 1, out,
+                                           labels if cfg.is_text else None)
             log.write(step + 1, event="samples", path=str(path.relative_to(out)))
             log.image("samples", grid, step + 1)
     return model.eval(), ema.model

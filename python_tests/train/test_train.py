@@ -291,6 +291,26 @@ def test_sample_grids_at_the_expected_steps(tmp_path):
     assert not [p for p in (tmp_path / "samples").iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_text_model_sample_grids(tmp_path):
+    """A text model's grid: a row per caption, up to 8 spread over the caption table."""
+    from bigr_engine.models.text import pack_condition
+    from bigr_engine.train.bigr import TextConditions
+    codes, labels = data()
+    g = torch.Generator().manual_seed(1)
+    U, L, D = 5, 3, 4
+    mask = torch.arange(L)[None] >= torch.tensor([0, 1, 2, 1, 0])[:, None]
+    table = pack_condition(torch.randn(U, L, D, generator=g) * mask[..., None], mask)
+    conds = TextConditions(table, labels[:, None] % U, pack_condition(torch.zeros(1, L, D), torch.ones(1, L, dtype=bool))[0])
+    cfg = be.BiGRConfig(**{**CFG, "num_classes": 1, "use_adaln": False, "text_dim": D, "text_tokens": L})
+    recipe = TrainRecipe(**{**RECIPE, "steps": 2, "sample_every": 2, "sample_per_class": 2, "sample_iters": 2,
+                            "sample_steps": 2})
+    train(codes, conds, cfg, recipe, tmp_path, progress=False, bae=tiny_bae())
+    from PIL import Image
+    img = Image.open(tmp_path / "samples" / "step_0000002.png")
+    assert img.size == (2 * 8 + 3 * 2, U * 8 + (U + 1) * 2)      # 5 captions (rows) x 2 samples
+    assert read_log(tmp_path)[0]["sample_grids"] is True
+
+
 def test_sample_grids_leave_training_unchanged(tmp_path):
     """Sampling between steps draws from keyed streams and restores the global RNG: the run is the same."""
     codes, labels = data()
