@@ -58,3 +58,37 @@ def test_generate_and_inpaint_in_the_page(server, tmp_path):
             assert not errors, errors
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def text_server():
+    from test_serve_text import text_model_service   # noqa: E402  (the same folder)
+    s = Server(text_model_service())
+    yield s
+    s.stop()
+
+
+def test_prompts_in_the_page_of_a_text_model(text_server):
+    """A text model's page asks for prompts (one per line) instead of classes; an empty box shows the server's 400."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(text_server.url("/"))
+            page.wait_for_function("document.querySelector('#model').textContent.includes('text-to-image')")
+            assert page.is_hidden("#classes") and page.is_visible("#prompt")
+            assert page.inner_text("#per-label") == "Per prompt"
+            page.fill("#prompt", "a dark bag\n\na light sneaker\n")
+            page.fill("#per-class", "2")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('#images img').length === 4", timeout=60_000)
+            assert "4 images" in page.inner_text("#generate-status")
+            page.fill("#prompt", "  \n")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#generate-status').className === 'error'")
+            assert '"prompt" must be' in page.inner_text("#generate-status")
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -35,8 +35,8 @@ class HashEncoder:
         return emb, mask
 
 
-@pytest.fixture(scope="module")
-def text_server():
+def text_model_service() -> Service:
+    """A small random text model with the HashEncoder and the bundled B-AE, served with batching."""
     _, bae = be.load_default()
     torch.manual_seed(0)
     cfg = be.BiGRConfig(dim=64, n_layer=2, n_head=1, bits=bae.bits, num_tokens=bae.cfg.grid ** 2, num_classes=1,
@@ -49,8 +49,14 @@ def text_server():
     model.text_encoder = HashEncoder()
     model.transformer.null_text.copy_(pack_condition(*model.text_encoder([""]))[0])
     model.default_sampling = model.default_sampling.replace(iters=4, steps=4)
-    s = Server(Service(model, bae, max_batch=8, max_wait_ms=300, max_queue=64, timeout_s=60))
-    yield s, model, bae
+    return Service(model, bae, max_batch=8, max_wait_ms=300, max_queue=64, timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def text_server():
+    service = text_model_service()
+    s = Server(service)
+    yield s, service.model, service.bae
     s.stop()
 
 

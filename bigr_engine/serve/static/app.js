@@ -27,7 +27,14 @@ async function loadInfo() {
     if (i < 2) o.selected = true;
     $("classes").appendChild(o);
   });
-  $("model").textContent = `${info.model.num_tokens} tokens of ${info.model.bits} bits, ${info.model.num_classes} classes, ` +
+  if (info.text_to_image) {   // a text model: prompts instead of classes
+    $("classes-label").hidden = true;
+    $("prompt-label").hidden = false;
+    $("per-label").textContent = "Per prompt";
+  }
+  const conditioning = info.text_to_image ? `text-to-image (${info.model.text_tokens} text tokens)`
+                                          : `${info.model.num_classes} classes`;
+  $("model").textContent = `${info.model.num_tokens} tokens of ${info.model.bits} bits, ${conditioning}, ` +
     `${info.tokenizer.img_size}x${info.tokenizer.img_size} images, on ${info.device}; defaults: cfg ${info.defaults.cfg}, ` +
     `${info.defaults.iters} iterations, ${info.defaults.steps} steps`;
 }
@@ -43,13 +50,18 @@ function show(container, images) {
 }
 
 $("generate").addEventListener("click", async () => {
-  const classes = [...$("classes").selectedOptions].map((o) => Number(o.value));
+  const body = {seed: number("seed") ?? 0, per_class: number("per-class") ?? 1, cfg: number("cfg"),
+                iters: number("iters")};
+  if (info && info.text_to_image) {
+    body.prompt = $("prompt").value.split("\n").map((s) => s.trim()).filter((s) => s.length > 0);
+  } else {
+    body.classes = [...$("classes").selectedOptions].map((o) => Number(o.value));
+  }
   $("generate-status").textContent = "generating...";
   $("generate-status").className = "";
   try {
     const t = performance.now();
-    const data = await post("/v1/generate", {classes, seed: number("seed") ?? 0, per_class: number("per-class") ?? 1,
-                                             cfg: number("cfg"), iters: number("iters")});
+    const data = await post("/v1/generate", body);
     show($("images"), data.images);
     $("generate-status").textContent = `${data.images.length} images in ${((performance.now() - t) / 1000).toFixed(2)} s`;
   } catch (e) {
