@@ -24,6 +24,8 @@ def cmd_generate(args) -> int:
         return _generate_prompts(args, out)
     if args.onnx:
         model, generate, decode, sampling = _onnx_pipeline(args)
+        if model.is_text:
+            raise BigrError(f"{args.onnx} is a text-to-image model's export: pass --prompt \"...\" instead of --classes")
     else:
         device = pick_device(args.device)
         model, bae = load_models(args, device)
@@ -64,16 +66,23 @@ def cmd_generate(args) -> int:
 
 def _generate_prompts(args, out: Path) -> int:
     """--prompt TEXT (repeatable): --per-class images of each prompt from a text model (the bundled one by default)
-    -> DIR/{index:05d}_p{prompt}.png, DIR/grid.png (a row per prompt) and DIR/prompts.txt."""
-    from tqdm.auto import tqdm
-
+    -> DIR/{index:05d}_p{prompt}.png, DIR/grid.png (a row per prompt) and DIR/prompts.txt. With --onnx, a text
+    model's export on ONNX Runtime."""
     import bigr_engine as be
-    from bigr_engine.io.files import write_files_atomic
-    from bigr_engine.io.images import decode_to_uint8, make_grid, png_bytes
-    for flag, given in (("--classes", args.classes), ("--by-class", args.by_class), ("--onnx", args.onnx)):
+    from bigr_engine.io.images import decode_to_uint8
+    for flag, given in (("--classes", args.classes), ("--by-class", args.by_class)):
         if given:
             raise BigrError(f"--prompt and {flag} do not go together: a text model takes prompts, not classes")
     prompts = [p.strip() for p in args.prompt]
+    if args.onnx:   # a text model's export on ONNX Runtime: the same codes as the engine's for the same prompts
+        pipe, _, decode, sampling = _onnx_pipeline(args)
+        if not pipe.is_text:
+            raise BigrError(f"{args.onnx} is a class-conditional export: --prompt needs a text model's export "
+                            f"(`bigr export onnx --text`), or pass --classes")
+
+        def generate(batch, seed, sample_index, **options):
+            return pipe.generate(batch, seed=seed, sample_index=sample_index.numpy(), **options)
+        return _write_prompt_images(args, out, prompts, generate, decode, sampling)
     device = pick_device(args.device)
     if args.ckpt is None and args.bae is None:
         from bigr_engine.io.default import load_default_text
@@ -86,15 +95,23 @@ def _generate_prompts(args, out: Path) -> int:
         from bigr_engine.models.text import load_text_encoder
         model.text_encoder = load_text_encoder(args.text_encoder, model.cfg.text_tokens, device=device)
     be.check_pair(model, bae)
-    sampling = sampling_from_args(args, model)
+    return _write_prompt_images(args, out, prompts, model.generate, lambda codes: decode_to_uint8(bae, codes),
+                                sampling_from_args(args, model))
+
+
+def _write_prompt_images(args, out: Path, prompts, generate, decode, sampling) -> int:
+    from tqdm.auto import tqdm
+
+    from bigr_engine.io.files import write_files_atomic
+    from bigr_engine.io.images import make_grid, png_bytes
     labels = [p for p in prompts for _ in range(args.per_class)]
     which = [j for j in range(len(prompts)) for _ in range(args.per_class)]
     chunks = []
     with tqdm(total=len(labels), desc="generate", unit="img", disable=args.quiet) as bar:
         for lo in range(0, len(labels), args.batch_size):
             batch = labels[lo:lo + args.batch_size]
-            codes = model.generate(batch, seed=args.seed, sample_index=torch.arange(lo, lo + len(batch)), **sampling)
-            chunks.append(decode_to_uint8(bae, codes))
+            codes = generate(batch, seed=args.seed, sample_index=torch.arange(lo, lo + len(batch)), **sampling)
+            chunks.append(decode(codes))
             bar.update(len(batch))
     images = np.concatenate(chunks)
     files = {out / f"{i:05d}_p{j}.png": png_bytes(img) for i, (img, j) in enumerate(zip(images, which))}
@@ -200,7 +217,8 @@ def register(sub) -> None:
                    "layout `bigr embed` and `bigr probe` read) instead of DIR/{index:05d}_{class}.png")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--onnx", metavar="DIR", help="run an export of `bigr export onnx` on ONNX Runtime instead of "
-                   "the PyTorch engine (the same codes in float32; pixels within one level)")
+                   "the PyTorch engine (the same codes in float32; pixels within one level); a text model's export takes "
+                   "--prompt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 

@@ -8,6 +8,10 @@ same point of its loop (`sampling.engine`), so an exported pipeline gives the en
   The engine projects only the masked tokens; the projection is per token, so the host gathers the same rows.
 - `TranscoderStep`: one denoising step for M tokens: the transcoder on both CFG branches, the CFG combine, and the
   arithmetic of `posterior_step` (sigmoid, p0, the posterior, the Bernoulli draw against given uniforms).
+- `TextConditions`: a text model's `Conditions`, with the condition tensor (B, L, 1 + text_dim) of
+  models.text.pack_condition in place of class weights; padded text tokens are masked out of attention as keys.
+- `TextEncoderGraph`: a text model's encoder (a Hugging Face model): token ids and attention mask -> per-token
+  embeddings, zeroed at the padding (models.text.TextEncoder's output).
 - `Decoder` / `Encoder`: the B-AE's codes -> images and images -> bit probabilities.
 
 Random numbers are inputs (uniforms keyed by the counter RNG, computed by the host), so the graphs are pure functions.
@@ -18,6 +22,24 @@ import torch
 from torch import nn
 
 from bigr_engine.models.transcoder import timestep_features
+from bigr_engine.ops.reference import apply_rope
+
+
+def masked_attention(qkv, cos, sin, key_mask=None):
+    """ops.reference.attention_reference with the key mask as an additive mask (0 where a key takes part, -inf where
+    not: what SDPA makes of a boolean mask, so the same values) expanded to (B, 1, S, S): exported as an ONNX
+    Attention whose mask has the queries' length, as ONNX Runtime's Attention requires (it does not broadcast a
+    (B, 1, 1, S) mask), and is 4D and of the queries' type, as TensorRT's takes it."""
+    q, k, v = qkv.unbind(2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    mask = None
+    if key_mask is not None:
+        S = key_mask.shape[1]
+        add = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask.bool(), float("-inf"))
+        mask = add[:, None, None, :].expand(-1, 1, S, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
 
 
 class Conditions(nn.Module):
@@ -35,6 +57,30 @@ class Conditions(nn.Module):
     def forward(self, codes, mask, class_weights):
         z = self.transformer.conditions(codes.to(self.dtype), mask, class_weights.to(self.dtype))
         return self.c_embedder(z).float()
+
+
+class TextConditions(Conditions):
+    """A text model's conditions: codes (B,N,K) float 0/1, mask (B,N) bool (True = masked), text_condition
+    (B, L, 1 + text_dim) float32 (channel 0: 1 for a real token, 0 for padding; models.text.pack_condition) ->
+    cz (B,N,Hd) float32. The padded tokens take no part in attention as keys, as in Transformer.forward."""
+
+    def forward(self, codes, mask, text_condition):
+        z = self.transformer.conditions(codes.to(self.dtype), mask, text_condition, attn_fn=masked_attention)
+        return self.c_embedder(z).float()
+
+
+class TextEncoderGraph(nn.Module):
+    """input_ids (B,L) int64, attention_mask (B,L) int64 (1 = real token, 0 = padding) -> last_hidden_state (B,L,dim)
+    float32, zeroed at the padding: what models.text.TextEncoder returns for the tokenizer's ids (its `model`, in
+    float32)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+        return h.masked_fill((attention_mask == 0)[..., None], 0.0)
 
 
 class TranscoderStep(nn.Module):

@@ -119,3 +119,10 @@ def unmask(p0: np.ndarray, idx: np.ndarray, count: int, gumbel_temp: float, code
 def masked_positions(mask: np.ndarray, n: int) -> np.ndarray:
     """sampling.reuse.first_true: the first n True positions of each row, ascending (every row has exactly n)."""
     return np.argsort(~mask, axis=1, kind="stable")[:, :n]
+
+
+def pack_condition(embeddings: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """models.text.pack_condition: (B, L, dim) embeddings and (B, L) mask -> the condition (B, L, 1 + dim) float32,
+    channel 0 the mask (1.0 real token, 0.0 padding)."""
+    return np.concatenate([np.asarray(mask, dtype=bool)[..., None].astype(np.float32),
+                           np.asarray(embeddings, dtype=np.float32)], -1)

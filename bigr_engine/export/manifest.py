@@ -42,11 +42,23 @@ def read_manifest(path, verify: bool = True) -> dict:
     for name in REQUIRED_GRAPHS:
         if name not in m["graphs"]:
             raise BigrError(f"{root} has no {name} graph in its manifest; export again with `bigr export onnx`")
-    for name, g in m["graphs"].items():
-        for fname, meta in g.get("files", {}).items():
+    text = m.get("text")
+    if text is not None:
+        for key in ("tokens", "dim", "tokenizer", "pad_id", "pad_type_id", "pad_token", "padding_side",
+                    "truncation_side", "null_condition", "files"):
+            if key not in text:
+                raise BigrError(f"{mpath}'s text entry lacks {key!r}; export again with `bigr export onnx`")
+        if "text_encoder" not in m["graphs"]:
+            raise BigrError(f"{root} is a text model's export without a text_encoder graph in its manifest; export "
+                            f"again with `bigr export onnx`")
+    parts = [(f"the {name} graph", g.get("files", {})) for name, g in m["graphs"].items()]
+    if text is not None:
+        parts.append(("the text encoder's tokenizer and null condition", text["files"]))
+    for name, files in parts:
+        for fname, meta in files.items():
             f = root / fname
             if not f.is_file():
-                raise BigrError(f"{root} is missing {fname} (the {name} graph); export again or copy the whole folder")
+                raise BigrError(f"{root} is missing {fname} ({name}); export again or copy the whole folder")
             if f.stat().st_size != meta["bytes"]:
                 raise BigrError(f"{f} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}: the file is "
                                 f"truncated or from another export; export again or copy the whole folder")

@@ -9,7 +9,9 @@ where it runs), the posterior arithmetic inside the step graph, and the unmaskin
 (export.graphs), so only the engine calls themselves are left to `tools/gpu_check.sh`.
 
 Layout of ENGINES/: manifest.json (the ONNX export's, copied), engines.json (TensorRT version, GPU, batch buckets,
-each engine's optimization profiles), {graph}.engine per graph, timing.cache (reused by later builds).
+each engine's optimization profiles), {graph}.engine per graph, timing.cache (reused by later builds). A text model's
+export adds text_encoder.engine (float32, fixed groups of TEXT_GROUP prompts, as OnnxPipeline runs it) and keeps the
+tokenizer files and the null condition beside the engines (copied; the host tokenizes as OnnxPipeline does).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from bigr_engine.errors import BigrError
 from bigr_engine.export.manifest import MANIFEST, read_manifest
-from bigr_engine.export.pipeline import DECODE_GROUP, HostLoop
+from bigr_engine.export.pipeline import DECODE_GROUP, TEXT_GROUP, HostLoop, TextTokenizer, encode_prompts
 from bigr_engine.sampling.options import rounds_for
 
 ENGINES = "engines.json"
@@ -44,9 +46,11 @@ def _tensorrt():
 def profiles(graph: str, io: dict, buckets: list[int], num_tokens: int) -> list[dict]:
     """The optimization profiles of a graph, one per batch bucket (images per call): {input: (min, opt, max)} with
     the dynamic axes filled in. The conditions graph sees up to 2 rows per image (CFG), the step graph up to
-    num_tokens tokens per image and 2 branches; the decoder runs fixed groups of DECODE_GROUP."""
+    num_tokens tokens per image and 2 branches; the decoder runs fixed groups of DECODE_GROUP, a text export's
+    text_encoder fixed groups of TEXT_GROUP prompts."""
     out = []
-    for b in ([DECODE_GROUP] if graph == "decoder" else buckets):
+    fixed = {"decoder": DECODE_GROUP, "text_encoder": TEXT_GROUP}
+    for b in ([fixed[graph]] if graph in fixed else buckets):
         sizes = {"batch": (1, 2 * b if graph == "conditions" else b, 2 * b if graph == "conditions" else b),
                  "tokens": (1, max(1, b * num_tokens // 2), b * num_tokens), "branches": (1, 2, 2)}
         prof = {}
@@ -102,11 +106,26 @@ def build_engines(onnx_dir, out, buckets: list[int], progress: bool = True) -> l
         info["engines"][name] = {"file": path.name, "profiles": [{k: [list(s) for s in v] for k, v in p.items()}
                                                                   for p in profs]}
         written.append(path)
-    for g in manifest["graphs"].values():   # the engines stand in for the graph files
-        g.pop("files", None)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_host_files(manifest, onnx_dir, out)
     (out / ENGINES).write_text(json.dumps(info, indent=1))
     return written
+
+
+def write_host_files(manifest: dict, onnx_dir, out) -> None:
+    """What TensorRTPipeline reads beside the engines: the export's manifest without its graph files (the engines
+    stand in for them) and, for a text export, the tokenizer files and the null condition, copied (still listed with
+    their sha256)."""
+    import copy
+    import shutil
+    manifest = copy.deepcopy(manifest)
+    out = Path(out)
+    for g in manifest["graphs"].values():
+        g.pop("files", None)
+    if manifest.get("text"):
+        for f in manifest["text"]["files"]:
+            (out / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(onnx_dir) / f, out / f)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- the loop (torch)
@@ -114,7 +133,8 @@ def build_engines(onnx_dir, out, buckets: list[int], progress: bool = True) -> l
 def device_loop(conditions, step, loop: HostLoop, weights, opts, sample_index, kernels=None):
     """The engine's loop over graph callables on torch tensors (any device): conditions(codes, mask, weights) -> cz
     (G*B, N, Hd) and step(x, cz, step, cfg, temperature, coeffs, u) -> (p0, x_next), as export.graphs defines them.
-    weights (B, C+1) float32, sample_index (B,) int64 on the device -> codes (B, N, K) uint8."""
+    weights (B, C+1) float32 (a text export: the condition tensors (B, L, 1 + text_dim)), sample_index (B,) int64 on
+    the device -> codes (B, N, K) uint8. CFG's unconditional rows are loop.null_rows."""
     import torch
 
     from bigr_engine.models.transcoder import inference_steps
@@ -128,9 +148,7 @@ def device_loop(conditions, step, loop: HostLoop, weights, opts, sample_index, k
     use_cfg = opts.cfg != 1.0
     G = 2 if use_cfg else 1
     if use_cfg:
-        null = torch.zeros_like(weights)
-        null[:, loop.num_classes] = 1
-        weights = torch.cat([weights, null])
+        weights = torch.cat([weights, torch.from_numpy(loop.null_rows(B)).to(dev, weights.dtype)])
     steps = inference_steps(loop.train_steps, opts.steps)
     coeffs = torch.from_numpy(loop.step_coefficients(steps)).to(dev)
     step_t = torch.tensor(steps, device=dev, dtype=torch.int64)[:, None]
@@ -222,7 +240,8 @@ class _Engine:
 
 class TensorRTPipeline(HostLoop):
     """TensorRT engines of `bigr export tensorrt` with the engine's loop on the GPU (numpy in and out, as
-    OnnxPipeline): generate(labels, sample_index=None, **options) -> (B, N, K) uint8; decode(codes) -> images."""
+    OnnxPipeline): generate(labels, sample_index=None, **options) -> (B, N, K) uint8; decode(codes) -> images. A text
+    export's generate takes prompts or condition tensors, as OnnxPipeline's."""
 
     def __init__(self, path):
         trt = _tensorrt()
@@ -234,7 +253,11 @@ class TensorRTPipeline(HostLoop):
             raise BigrError(f"{self.path} has no {ENGINES}: build engines with `bigr export tensorrt --onnx DIR --out "
                             f"{self.path}`")
         info = json.loads((self.path / ENGINES).read_text())
-        super().__init__(read_manifest(self.path, verify=False))
+        super().__init__(read_manifest(self.path, verify=False), self.path)
+        if self.is_text and "text_encoder" not in info["engines"]:
+            raise BigrError(f"{self.path} is a text model's export without a text_encoder engine: build the engines "
+                            f"again with `bigr export tensorrt`")
+        self.text_tokenizer = TextTokenizer(self.path, self.text) if self.is_text else None
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {}
         for name, e in info["engines"].items():
@@ -243,9 +266,23 @@ class TensorRTPipeline(HostLoop):
         self.device = torch.device("cuda")
         self.kernels = kernel_choice.choose(self.device)
 
+    def encode_text(self, prompts) -> tuple[np.ndarray, np.ndarray]:
+        """prompts -> (embeddings (B, L, dim) float32, mask (B, L) bool), OnnxPipeline.encode_text on the engine."""
+        import torch
+        if not self.is_text:
+            raise BigrError(f"{self.path} holds a class-conditional model's engines, which take class ids or names, "
+                            f"not prompts; build engines from a text model's export for prompts")
+        engine = self.engines["text_encoder"]
+
+        def run(ids, mask):
+            with torch.no_grad():
+                h = engine(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+            return h.float().cpu().numpy()
+        return encode_prompts(self.text_tokenizer, run, prompts)
+
     def generate(self, labels, sample_index=None, progress: bool = False, **options) -> np.ndarray:
         import torch
-        weights = torch.from_numpy(self.class_weights(labels)).to(self.device)
+        weights = torch.from_numpy(self.conditions_for(labels, self.encode_text)).to(self.device)
         opts = self.sampling_options(**options)
         si = np.arange(weights.shape[0]) if sample_index is None else np.asarray(sample_index).reshape(-1)
         if si.shape[0] != weights.shape[0]:

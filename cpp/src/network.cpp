@@ -42,7 +42,14 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, i
 Network::Network(const Config& cfg, const Weights& w, const std::string& file, at::Device device) : cfg_(cfg) {
   const Reader r{w, file, device};
   const std::string t = "transformer.", c = "transcoder.";
-  cls_table_ = r.get(t + "cls_embedding.embedding_table.weight");
+  if (cfg.is_text()) {
+    if (cfg.use_adaln) throw Error(file + ": a text model without adaLN was expected (use_adaln is true); export again");
+    text_proj0_ = r.linear(t + "text_proj.mlp.0");
+    text_proj2_ = r.linear(t + "text_proj.mlp.2");
+    null_text = r.get(t + "null_text");
+  } else {
+    cls_table_ = r.get(t + "cls_embedding.embedding_table.weight");
+  }
   tok_embeddings_ = r.linear(t + "tok_embeddings");
   mask_tok_ = r.get(t + "mask_tok");
   if (cfg.use_adaln) ada_ln_ = r.linear(t + "adaLN.1");
@@ -87,11 +94,19 @@ at::Tensor Network::rms_norm(const at::Tensor& x, const at::Tensor& weight) cons
 
 at::Tensor Network::conditions(const at::Tensor& codes, const at::Tensor& mask, const at::Tensor& labels) const {
   // Transformer.embed
-  const at::Tensor e = labels.is_floating_point()
-                           ? at::matmul(labels.to(cls_table_.scalar_type()), cls_table_).unsqueeze(1)
-                           : at::embedding(cls_table_, labels).unsqueeze(1);
   at::Tensor tok = tok_embeddings_(codes.to(tok_embeddings_.weight.scalar_type()));
   tok = at::where(mask.unsqueeze(-1), mask_tok_.to(tok.scalar_type()), tok);
+  at::Tensor e;
+  std::optional<at::Tensor> key_mask;   // a text model's: its padding takes no part as keys
+  if (cfg_.is_text()) {
+    const at::Tensor text_mask = labels.select(-1, 0) > 0.5;
+    // TextProjection: Linear, GELU (tanh), Linear on the embedding channels
+    e = text_proj2_(at::gelu(text_proj0_(labels.slice(-1, 1).to(text_proj0_.weight.scalar_type())), "tanh"));
+    key_mask = at::cat({text_mask, at::ones({tok.size(0), tok.size(1)}, tok.options().dtype(at::kBool))}, 1);
+  } else {
+    e = labels.is_floating_point() ? at::matmul(labels.to(cls_table_.scalar_type()), cls_table_).unsqueeze(1)
+                                   : at::embedding(cls_table_, labels).unsqueeze(1);
+  }
   at::Tensor x = at::cat({e.to(tok.scalar_type()), tok}, 1);
   at::Tensor ada;
   if (cfg_.use_adaln) ada = ada_ln_(at::silu(e)).unflatten(-1, {6, -1});   // (B, 1, 6, D)
@@ -104,7 +119,7 @@ at::Tensor Network::conditions(const at::Tensor& codes, const at::Tensor& mask, 
       h = modulate(h, g[0], g[1]);
     }
     const at::Tensor qkv = b.wqkv(h).unflatten(-1, {3, cfg_.n_head, -1});
-    const at::Tensor attn = std::get<0>(ops::rope_attention(qkv, rope_cos, rope_sin));
+    const at::Tensor attn = std::get<0>(ops::rope_attention(qkv, rope_cos, rope_sin, key_mask));
     if (!cfg_.use_adaln) {
       h = x + b.wo(attn);
       const at::Tensor f = rms_norm(h, b.ffn_norm);
@@ -116,11 +131,11 @@ at::Tensor Network::conditions(const at::Tensor& codes, const at::Tensor& mask, 
       x = h + g[3] * b.w2(at::silu(b.w1(f)) * b.w3(f));
     }
   }
-  return rms_norm(x, norm_).slice(1, 1) + pos_embed_;
+  return rms_norm(x, norm_).slice(1, cfg_.cond_tokens()) + pos_embed_;
 }
 
 at::Tensor Network::time_embedding(const std::vector<int64_t>& steps) const {
-  const auto dev = cls_table_.device();
+  const auto dev = pos_embed_.device();
   const at::Tensor s = at::tensor(steps, at::TensorOptions().dtype(at::kLong)).to(dev) - 1;
   // timestep_features: [cos, sin] of step * 10000^(-i / half)
   const int64_t half = kTimeFeatures / 2;

@@ -20,6 +20,9 @@ struct Config {   // manifest.json "model": BiGRConfig's fields
       train_steps, grid;
   bool use_adaln;
   double norm_eps;
+  int64_t text_dim = 0, text_tokens = 0;   // a text model's (0: a class model)
+  bool is_text() const { return text_dim > 0; }
+  int64_t cond_tokens() const { return is_text() ? text_tokens : 1; }   // positions before the image tokens
 };
 
 struct Linear {
@@ -42,7 +45,8 @@ class Network {
   Network(const Config& cfg, const Weights& w, const std::string& file, at::Device device);
   const Config& cfg() const { return cfg_; }
 
-  // codes (B, N, K) uint8, mask (B, N) bool (true = masked), labels (B,) int64 ids or (B, C+1) float weights
+  // codes (B, N, K) uint8, mask (B, N) bool (true = masked), labels (B,) int64 ids or (B, C+1) float weights, or
+  // for a text model the condition tensor (B, L, 1 + text_dim) float32 (channel 0 the token mask, models.text)
   // -> the transcoder's conditions z (B, N, D) (Transformer.conditions).
   at::Tensor conditions(const at::Tensor& codes, const at::Tensor& mask, const at::Tensor& labels) const;
   // Steps (1..T) -> their time embeddings (S, Hd) (TimestepEmbedder of step - 1).
@@ -54,12 +58,14 @@ class Network {
 
   // The constant tables, exported by Python (rope_2d_table, schedule_tables).
   at::Tensor rope_cos, rope_sin, k_final, b_final, beta;
+  // A text model's null text (L, 1 + text_dim): the empty prompt's condition, CFG's unconditional branch.
+  at::Tensor null_text;
 
  private:
   at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight) const;
   Config cfg_;
   at::Tensor cls_table_, mask_tok_, norm_, pos_embed_;
-  Linear tok_embeddings_, ada_ln_;
+  Linear tok_embeddings_, ada_ln_, text_proj0_, text_proj2_;   // text_proj: TextProjection's two Linear
   std::vector<TransformerBlock> layers_;
   Linear t_mlp0_, t_mlp2_, x_embedder_, c_embedder_, final_linear_, final_ada_;
   std::vector<ResBlock> blocks_;

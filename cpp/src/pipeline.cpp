@@ -15,6 +15,7 @@
 #include "files.h"
 #include "network.h"
 #include "sampling.h"
+#include "text.h"
 
 extern "C" const char* bigr_ops_build_info();
 
@@ -25,13 +26,15 @@ using detail::Config;
 using files::Json;
 
 constexpr const char* kFormat = "bigr-engine-cpp";
-constexpr int64_t kFormatVersion = 1;
+constexpr int64_t kFormatVersion = 2;   // the newest read: 1 (class models), 2 (text models too)
 
 struct Pipeline::Impl {
   ModelInfo info;
   at::Device device{at::kCPU};
   std::unique_ptr<detail::Network> net;
   std::unique_ptr<detail::Decoder> decoder;   // null without a tokenizer
+  std::unique_ptr<detail::WordPiece> text_tokenizer;   // a text model's encoder: both, or neither
+  std::unique_ptr<detail::BertEncoder> text_encoder;
 };
 
 namespace {
@@ -92,9 +95,12 @@ std::vector<std::string> split_commas(const std::string& s) {
 
 Config read_config(const Json& m) {
   const auto i = [&](const char* k) { return m.at(k).as_int(); };
-  return {i("dim"), i("n_layer"), i("n_head"), i("head_dim"), i("bits"), i("num_tokens"), i("num_classes"),
-          i("ffn_dim"), i("transcoder_blocks"), i("transcoder_dim"), i("train_steps"), i("grid"),
-          m.at("use_adaln").as_bool(), m.at("norm_eps").as_double()};
+  Config c{i("dim"), i("n_layer"), i("n_head"), i("head_dim"), i("bits"), i("num_tokens"), i("num_classes"),
+           i("ffn_dim"), i("transcoder_blocks"), i("transcoder_dim"), i("train_steps"), i("grid"),
+           m.at("use_adaln").as_bool(), m.at("norm_eps").as_double()};
+  if (m.contains("text_dim")) c.text_dim = i("text_dim");   // absent from version-1 manifests: a class model
+  if (m.contains("text_tokens")) c.text_tokens = i("text_tokens");
+  return c;
 }
 
 SamplingOptions read_sampling(const Json& s) {
@@ -217,9 +223,9 @@ Pipeline Pipeline::load(const std::string& dir, const LoadOptions& options) {
     throw Error(mpath.string() + " is not a bigr-engine C++ model manifest (format " + got + ", expected '" + kFormat +
                 "'); make one with `bigr export cpp`");
   }
-  if (!m.contains("format_version") || !m.at("format_version").is_number() ||
-      m.at("format_version").as_int() != kFormatVersion)
-    throw Error(dir + " was exported in another format version than " + std::to_string(kFormatVersion) +
+  if (!m.contains("format_version") || !m.at("format_version").is_integer() || m.at("format_version").as_int() < 1 ||
+      m.at("format_version").as_int() > kFormatVersion)
+    throw Error(dir + " was exported in another format version than 1.." + std::to_string(kFormatVersion) +
                 ", which this bigr-engine reads; export again with this version");
   for (const char* key : {"model", "sampling", "files"})
     if (!m.contains(key)) throw Error(mpath.string() + " lacks '" + key + "'; export again with `bigr export cpp`");
@@ -234,6 +240,14 @@ Pipeline Pipeline::load(const std::string& dir, const LoadOptions& options) {
                   "nvcc present (pip install --no-build-isolation -e .)");
   }
   const Config cfg = read_config(m.at("model"));
+  const std::string kind = m.contains("kind") ? m.at("kind").as_string() : "class";
+  if (kind != "class" && kind != "text")
+    throw Error(mpath.string() + ": unknown model kind " + py_repr(kind) + " (this bigr-engine reads class and text "
+                "models); export again with this version");
+  if ((kind == "text") != cfg.is_text() || (cfg.text_dim > 0) != (cfg.text_tokens > 0))
+    throw Error(mpath.string() + ": the kind " + py_repr(kind) + " does not match the model's text_dim " +
+                std::to_string(cfg.text_dim) + " and text_tokens " + std::to_string(cfg.text_tokens) +
+                "; export again with `bigr export cpp`");
   {
     const std::string f = (root / "model.safetensors").string();
     impl->net = std::make_unique<detail::Network>(cfg, files::read_safetensors(f), f, impl->device);
@@ -242,6 +256,26 @@ Pipeline Pipeline::load(const std::string& dir, const LoadOptions& options) {
   info.num_tokens = cfg.num_tokens;
   info.bits = cfg.bits;
   info.num_classes = cfg.num_classes;
+  info.kind = kind;
+  info.text_tokens = cfg.text_tokens;
+  info.text_dim = cfg.text_dim;
+  if (cfg.is_text() && m.contains("text_encoder") && m.at("text_encoder").is_object()) {
+    const Json& enc = m.at("text_encoder");
+    info.text_encoder = enc.at("name").as_string();
+    if (enc.contains("bert") && enc.at("bert").is_object()) {
+      const Json& bert = enc.at("bert");
+      if (enc.at("max_tokens").as_int() != cfg.text_tokens || enc.at("dim").as_int() != cfg.text_dim)
+        throw Error(mpath.string() + ": the text encoder's max_tokens and dim do not match the model's text_tokens "
+                    "and text_dim; export again with `bigr export cpp`");
+      const std::string f = (root / bert.at("weights").as_string()).string();
+      impl->text_tokenizer = std::make_unique<detail::WordPiece>(bert, (root / bert.at("vocab").as_string()).string());
+      impl->text_encoder = std::make_unique<detail::BertEncoder>(bert, files::read_safetensors(f), f, impl->device);
+      if (impl->text_encoder->dim() != cfg.text_dim)
+        throw Error(f + ": the text encoder's width is " + std::to_string(impl->text_encoder->dim()) + ", the model "
+                    "takes " + std::to_string(cfg.text_dim) + "; export again with `bigr export cpp`");
+      info.encodes_prompts = true;
+    }
+  }
   info.defaults = read_sampling(m.at("sampling"));
   if (m.at("sampling").contains("order") && m.at("sampling").at("order").as_string() != "entropy")
     throw Error(mpath.string() + ": the C++ pipeline samples in entropy order only, the export's default order is " +
@@ -328,12 +362,69 @@ std::vector<int64_t> Pipeline::class_ids(const std::vector<std::string>& names) 
   return ids;
 }
 
+namespace {
+// BiGRNetwork._check_text's message, for input that is not a text model's condition (`got`: what it was).
+[[noreturn]] void not_text_input(const ModelInfo& info, const std::string& got) {
+  throw Error("a text model takes prompts (strings) or condition tensors (B, " + std::to_string(info.text_tokens) +
+              ", " + std::to_string(1 + info.text_dim) + ") from models.text.pack_condition, got " + got);
+}
+}  // namespace
+
 at::Tensor Pipeline::generate(const std::vector<int64_t>& labels, const GenerateOptions& options) const {
+  if (info().kind == "text") {
+    resolve(options);   // as in Python: the options are checked before the labels
+    not_text_input(info(), "class ids; pass embeddings and their mask to generate_text, or condition tensors");
+  }
   return generate(at::tensor(labels, at::TensorOptions().dtype(at::kLong)), options);
 }
 
 at::Tensor Pipeline::generate(const std::vector<std::string>& names, const GenerateOptions& options) const {
+  if (info().kind == "text") {   // prompts: options checked first, then encoded (as Python's check_labels)
+    resolve(options);
+    const TextEmbeddings e = encode_text(names);
+    return generate(at::cat({e.mask.unsqueeze(-1).to(at::kFloat), e.embeddings.to(at::kFloat)}, -1), options);
+  }
   return generate(class_ids(names), options);
+}
+
+TextTokens Pipeline::tokenize(const std::vector<std::string>& prompts) const {
+  const Impl& p = *impl_;
+  if (p.info.kind != "text")
+    throw Error("this is a class-conditional model: it has no text encoder; pass class ids or names to generate()");
+  if (!p.text_tokenizer) {
+    if (p.info.text_encoder.empty())
+      throw Error("this model directory has no text encoder (exported with --text-encoder none): export it again "
+                  "with its encoder, or pass the encoder's embeddings and their mask to generate_text");
+    throw Error("this model's text encoder " + py_repr(p.info.text_encoder) + " does not run in C++ (only BERT "
+                "WordPiece encoders such as minilm do): encode the prompts in Python (bigr_engine.models.text) and "
+                "pass the embeddings and their mask to generate_text");
+  }
+  auto [ids, mask] = p.text_tokenizer->encode(prompts, p.info.text_tokens);
+  return {ids.to(p.device), mask.to(p.device)};
+}
+
+TextEmbeddings Pipeline::encode_text(const std::vector<std::string>& prompts) const {
+  c10::InferenceMode guard;
+  const TextTokens t = tokenize(prompts);
+  return {(*impl_->text_encoder)(t.ids, t.mask), t.mask};
+}
+
+at::Tensor Pipeline::generate_text(const at::Tensor& embeddings, const at::Tensor& mask,
+                                   const GenerateOptions& options) const {
+  if (info().kind != "text")
+    throw Error("this is a class-conditional model: generate_text takes a text-to-image model's directory (`bigr "
+                "export cpp --text`, or --ckpt with a text model); pass class ids or names to generate()");
+  c10::InferenceMode guard;
+  resolve(options);
+  // models.text.pack_condition
+  if (embeddings.dim() != 3 || mask.dim() != 2 || mask.size(0) != embeddings.size(0) ||
+      mask.size(1) != embeddings.size(1))
+    throw Error("text embeddings must be (B, L, dim) with a (B, L) mask, got " + py_shape(embeddings.sizes()) +
+                " and " + py_shape(mask.sizes()));
+  if (!at::all(at::any(mask, 1)).item<bool>())
+    throw Error("every prompt needs at least one token in its mask (an encoder's empty prompt has two: [CLS] and "
+                "[SEP])");
+  return generate(at::cat({mask.unsqueeze(-1).to(at::kFloat), embeddings.to(at::kFloat)}, -1), options);
 }
 
 at::Tensor Pipeline::generate(const at::Tensor& labels_in, const GenerateOptions& options) const {
@@ -342,7 +433,11 @@ at::Tensor Pipeline::generate(const at::Tensor& labels_in, const GenerateOptions
   const int64_t C = p.info.num_classes;
   const SamplingOptions o = resolve(options);   // model.generate resolves the options before it checks the labels
   at::Tensor labels = labels_in.to(p.device);
-  if (labels.is_floating_point()) {   // BiGRNetwork.check_labels
+  if (p.info.kind == "text") {   // BiGRNetwork._check_text
+    if (labels.dim() != 3 || labels.size(1) != p.info.text_tokens || labels.size(2) != 1 + p.info.text_dim)
+      not_text_input(p.info, py_shape(labels.sizes()));
+    labels = labels.to(at::kFloat);
+  } else if (labels.is_floating_point()) {   // BiGRNetwork.check_labels
     if (labels.dim() != 2 || labels.size(1) != C + 1)
       throw Error("class weights must be (B, " + std::to_string(C + 1) + "), got " + py_shape(labels.sizes()));
   } else {

@@ -101,9 +101,14 @@ at::Tensor generate(const Network& net, const at::Tensor& labels, const at::Tens
   const auto dev = labels.device();
   const bool use_cfg = o.cfg != 1.0;
   const int64_t branches = use_cfg ? 2 : 1;
-  // prepare_batch: the null-class rows (ids, or one-hot weights in the labels' dtype)
-  at::Tensor null = at::full({B}, cfg.num_classes, at::TensorOptions().dtype(at::kLong).device(dev));
-  if (labels.is_floating_point()) null = at::one_hot(null, cfg.num_classes + 1).to(labels.scalar_type());
+  // prepare_batch: the null-class rows (ids, or one-hot weights in the labels' dtype), or a text model's null text
+  at::Tensor null;
+  if (cfg.is_text()) {
+    null = net.null_text.to(labels.scalar_type()).expand({B, -1, -1});
+  } else {
+    null = at::full({B}, cfg.num_classes, at::TensorOptions().dtype(at::kLong).device(dev));
+    if (labels.is_floating_point()) null = at::one_hot(null, cfg.num_classes + 1).to(labels.scalar_type());
+  }
   const at::Tensor cond_labels = use_cfg ? at::cat({labels, null}) : labels;
   const std::vector<int64_t> steps = inference_steps(cfg.train_steps, o.steps);
   const at::Tensor temb = net.time_embedding(steps);

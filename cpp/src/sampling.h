@@ -21,7 +21,8 @@ struct Round {
 std::vector<Round> rounds_for(const SamplingOptions& o, int64_t num_tokens);
 std::vector<int64_t> inference_steps(int64_t T, int64_t S);
 
-// labels (B,) int64 or (B, C+1) float on the network's device, sample_index (B,) int64 -> codes (B, N, K) uint8.
+// labels (B,) int64 or (B, C+1) float, or a text model's conditions (B, L, 1 + text_dim) float32, on the network's
+// device; sample_index (B,) int64 -> codes (B, N, K) uint8.
 at::Tensor generate(const Network& net, const at::Tensor& labels, const at::Tensor& sample_index,
                     const SamplingOptions& o);
 

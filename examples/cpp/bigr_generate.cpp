@@ -1,10 +1,13 @@
-// bigr-generate: images of the given classes from a model directory written by `bigr export cpp`.
+// bigr-generate: images of the given classes, or of prompts for a text model, from a model directory written by
+// `bigr export cpp` (`bigr export cpp --text` for the bundled text model).
 //
 //   bigr-generate --model DIR --classes 0,1,Sneaker [--per-class N] [--seed S] [--greedy] [--cfg X] ... --out OUT
 //                 [--codes-out CODES.npy]
+//   bigr-generate --model TEXT_DIR --prompt "a red sneaker" [--prompt "a bag" ...] ... --out OUT
 //
-// Writes OUT/00000_<class>.png, ... (the names and pixels of `bigr generate`) and, with --codes-out, the codes as a
-// uint8 .npy of shape (B, N, K). Exit status 0 on success, 2 for bad arguments or a missing/corrupt model directory,
+// Writes OUT/00000_<class>.png, ... (the names and pixels of `bigr generate`), or for prompts OUT/00000_p<j>.png, ...
+// (j: the prompt's position) and OUT/prompts.txt ("p<j>\t<prompt>" lines), as `bigr generate --prompt` does; with
+// --codes-out, the codes as a uint8 .npy of shape (B, N, K). Exit status 0 on success, 2 for bad arguments or a missing/corrupt model directory,
 // 1 for any other failure; files appear only once everything succeeded.
 #include <ATen/Parallel.h>
 #include <bigr/pipeline.h>
@@ -27,7 +30,8 @@ struct UsageError : std::runtime_error {
 };
 
 const char* kUsage =
-    "usage: bigr-generate --model DIR --classes C[,C...] --out DIR [--per-class N] [--batch-size N] [--seed S]\n"
+    "usage: bigr-generate --model DIR (--classes C[,C...] | --prompt TEXT [--prompt TEXT ...]) --out DIR\n"
+    "                     [--per-class N] [--batch-size N] [--seed S]\n"
     "                     [--cfg X] [--iters N] [--steps N] [--gumbel X] [--cfg-schedule constant|linear]\n"
     "                     [--gumbel-schedule constant|down|up] [--temperature X] [--deterministic] [--greedy]\n"
     "                     [--threads N] [--device cpu|cuda] [--dtype auto|float32|bfloat16|float16]\n"
@@ -77,6 +81,7 @@ std::string pad5(int64_t i) {
 
 int main(int argc, char** argv) {
   std::map<std::string, std::string> args;
+  std::vector<std::string> prompts;   // --prompt, repeatable
   bigr::GenerateOptions opt;
   bigr::LoadOptions load;
   try {
@@ -92,6 +97,9 @@ int main(int argc, char** argv) {
       }
       if (a == "--greedy" || a == "--deterministic" || a == "--no-verify") {
         args[a] = "1";
+      } else if (a == "--prompt") {
+        if (i + 1 >= argc) throw UsageError(a + " needs a value");
+        prompts.push_back(argv[++i]);
       } else if (std::find(valued.begin(), valued.end(), a) != valued.end()) {
         if (i + 1 >= argc) throw UsageError(a + " needs a value");
         args[a] = argv[++i];
@@ -99,8 +107,12 @@ int main(int argc, char** argv) {
         throw UsageError("unknown argument '" + a + "'");
       }
     }
-    for (const char* need : {"--model", "--classes", "--out"})
+    for (const char* need : {"--model", "--out"})
       if (!args.count(need)) throw UsageError(std::string("the argument ") + need + " is required");
+    if ((args.count("--classes") > 0) == !prompts.empty())
+      throw UsageError(prompts.empty() ? "one of --classes and --prompt is required"
+                                       : "--prompt and --classes do not go together: a text model takes prompts, "
+                                         "a class model classes");
     if (args.count("--seed")) opt.seed = to_int("--seed", args["--seed"]);
     if (args.count("--cfg")) opt.cfg = to_double("--cfg", args["--cfg"]);
     if (args.count("--iters")) opt.iters = to_int("--iters", args["--iters"]);
@@ -133,22 +145,41 @@ int main(int argc, char** argv) {
     }
   }();
   try {
-    std::vector<std::string> names;
-    std::stringstream ss(args["--classes"]);
-    for (std::string part; std::getline(ss, part, ',');)
-      if (!part.empty()) names.push_back(part);
-    if (names.empty()) throw bigr::Error("--classes needs at least one class id or name");
-    const std::vector<int64_t> ids = pipe.class_ids(names);
-    for (int64_t c : ids)
-      if (c < 0 || c >= pipe.info().num_classes)
-        throw bigr::Error("class id " + std::to_string(c) + " is out of range: this model has classes 0.." +
-                          std::to_string(pipe.info().num_classes - 1) + "; pass ids in that range");
+    const bool text = !prompts.empty();
+    if (!text && pipe.info().kind == "text")
+      throw bigr::Error(args["--model"] + " is a text-to-image model: pass --prompt \"...\" instead of --classes");
+    if (text && pipe.info().kind != "text")
+      throw bigr::Error(args["--model"] + " is a class-conditional model: --prompt needs a text-to-image model "
+                        "(export the bundled one with `bigr export cpp --text`)");
     const int64_t per_class = args.count("--per-class") ? to_int("--per-class", args["--per-class"]) : 1;
     const int64_t batch = args.count("--batch-size") ? to_int("--batch-size", args["--batch-size"]) : 16;
     if (per_class < 1 || batch < 1) throw bigr::Error("--per-class and --batch-size must be at least 1");
+    // labels: class ids, or for prompts the prompt's position (its image names; the prompt itself is in `texts`)
     std::vector<int64_t> labels;
-    for (int64_t c : ids)
-      for (int64_t k = 0; k < per_class; ++k) labels.push_back(c);
+    std::vector<std::string> texts;
+    if (text) {
+      for (std::string& p : prompts) {   // stripped, as `bigr generate --prompt` does
+        const char* ws = " \t\n\r\f\v\x1c\x1d\x1e\x1f";   // Python's str.strip() on ASCII
+        const auto a = p.find_first_not_of(ws), b = p.find_last_not_of(ws);
+        p = a == std::string::npos ? "" : p.substr(a, b - a + 1);
+      }
+      pipe.tokenize(prompts);   // a prompt the encoder cannot take (or no encoder) fails before any work
+      for (size_t j = 0; j < prompts.size(); ++j)
+        for (int64_t k = 0; k < per_class; ++k) labels.push_back(static_cast<int64_t>(j)), texts.push_back(prompts[j]);
+    } else {
+      std::vector<std::string> names;
+      std::stringstream ss(args["--classes"]);
+      for (std::string part; std::getline(ss, part, ',');)
+        if (!part.empty()) names.push_back(part);
+      if (names.empty()) throw bigr::Error("--classes needs at least one class id or name");
+      const std::vector<int64_t> ids = pipe.class_ids(names);
+      for (int64_t c : ids)
+        if (c < 0 || c >= pipe.info().num_classes)
+          throw bigr::Error("class id " + std::to_string(c) + " is out of range: this model has classes 0.." +
+                            std::to_string(pipe.info().num_classes - 1) + "; pass ids in that range");
+      for (int64_t c : ids)
+        for (int64_t k = 0; k < per_class; ++k) labels.push_back(c);
+    }
     pipe.resolve(opt);   // bad options fail before any work
     const bool images = pipe.info().image_size > 0;
     std::vector<at::Tensor> codes, pixels;
@@ -157,7 +188,8 @@ int main(int argc, char** argv) {
       const int64_t hi = std::min(n, lo + batch);
       bigr::GenerateOptions o = opt;
       for (int64_t i = lo; i < hi; ++i) o.sample_index.push_back(i);
-      at::Tensor c = pipe.generate(std::vector<int64_t>(labels.begin() + lo, labels.begin() + hi), o).cpu();
+      at::Tensor c = text ? pipe.generate(std::vector<std::string>(texts.begin() + lo, texts.begin() + hi), o).cpu()
+                          : pipe.generate(std::vector<int64_t>(labels.begin() + lo, labels.begin() + hi), o).cpu();
       if (images) pixels.push_back(pipe.decode(c).cpu());
       codes.push_back(c);
       std::cerr << "\rgenerate " << hi << "/" << n << std::flush;
@@ -169,11 +201,16 @@ int main(int argc, char** argv) {
       const at::Tensor px = at::cat(pixels).contiguous();
       for (int64_t i = 0; i < n; ++i) {
         const at::Tensor img = px[i].contiguous();
-        write_atomic(out / (pad5(i) + "_" + std::to_string(labels[i]) + ".png"),
+        write_atomic(out / (pad5(i) + "_" + (text ? "p" : "") + std::to_string(labels[i]) + ".png"),
                      png_bytes(img.data_ptr<uint8_t>(), img.size(0), img.size(1), img.size(2)));
       }
     } else {
       fs::create_directories(out);
+    }
+    if (text) {
+      std::string lines;
+      for (size_t j = 0; j < prompts.size(); ++j) lines += "p" + std::to_string(j) + "\t" + prompts[j] + "\n";
+      write_atomic(out / "prompts.txt", lines);
     }
     if (args.count("--codes-out"))
       write_atomic(args["--codes-out"], npy_bytes(all.data_ptr<uint8_t>(), {all.size(0), all.size(1), all.size(2)}));
