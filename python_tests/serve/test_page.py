@@ -1,5 +1,6 @@
 """The page of `bigr serve` in headless Chromium (Debian's, installed by tools/browser.sh), driven by Playwright:
 pick classes and generate, then take a generated image, draw a rectangle on it and inpaint."""
+import contextlib
 import shutil
 
 import pytest
@@ -18,6 +19,22 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+@contextlib.contextmanager
+def open_page(url: str):
+    """A headless Chromium page at url -> (page, errors): the page's uncaught script errors, which the caller asserts
+    empty at the end."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            yield page, errors
+        finally:
+            browser.close()
+
+
 @pytest.fixture(scope="module")
 def server():
     s = Server(Service(*be.load_default(), max_batch=8, max_wait_ms=10))
@@ -26,38 +43,30 @@ def server():
 
 
 def test_generate_and_inpaint_in_the_page(server, tmp_path):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url("/"))
-            page.wait_for_function("document.querySelectorAll('#classes option').length === 10")
-            assert "10 classes" in page.inner_text("#model")
-            page.select_option("#classes", ["7", "8", "9"])
-            page.fill("#iters", "4")
-            page.click("#generate")
-            page.wait_for_function("document.querySelectorAll('#images img').length === 3", timeout=60_000)
-            assert "3 images" in page.inner_text("#generate-status")
-            page.click("#images img >> nth=0")
-            page.wait_for_timeout(200)
-            box = page.locator("#canvas").bounding_box()
-            page.mouse.move(box["x"] + 10, box["y"] + 10)
-            page.mouse.down()
-            page.mouse.move(box["x"] + 150, box["y"] + 200)
-            page.mouse.up()
-            page.click("#inpaint")
-            page.wait_for_function("document.querySelectorAll('#inpaint-results img').length === 4", timeout=120_000)
-            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-            # bad input shows the server's message
-            page.fill("#iters", "1000")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#generate-status').className === 'error'")
-            assert "iters must be" in page.inner_text("#generate-status")
-            assert not errors, errors
-        finally:
-            browser.close()
+    with open_page(server.url("/")) as (page, errors):
+        page.wait_for_function("document.querySelectorAll('#classes option').length === 10")
+        assert "10 classes" in page.inner_text("#model")
+        page.select_option("#classes", ["7", "8", "9"])
+        page.fill("#iters", "4")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#images img').length === 3", timeout=60_000)
+        assert "3 images" in page.inner_text("#generate-status")
+        page.click("#images img >> nth=0")
+        page.wait_for_timeout(200)
+        box = page.locator("#canvas").bounding_box()
+        page.mouse.move(box["x"] + 10, box["y"] + 10)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 150, box["y"] + 200)
+        page.mouse.up()
+        page.click("#inpaint")
+        page.wait_for_function("document.querySelectorAll('#inpaint-results img').length === 4", timeout=120_000)
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        # bad input shows the server's message
+        page.fill("#iters", "1000")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#generate-status').className === 'error'")
+        assert "iters must be" in page.inner_text("#generate-status")
+        assert not errors, errors
 
 
 @pytest.fixture(scope="module")
@@ -70,25 +79,17 @@ def text_server():
 
 def test_prompts_in_the_page_of_a_text_model(text_server):
     """A text model's page asks for prompts (one per line) instead of classes; an empty box shows the server's 400."""
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(text_server.url("/"))
-            page.wait_for_function("document.querySelector('#model').textContent.includes('text-to-image')")
-            assert page.is_hidden("#classes") and page.is_visible("#prompt")
-            assert page.inner_text("#per-label") == "Per prompt"
-            page.fill("#prompt", "a dark bag\n\na light sneaker\n")
-            page.fill("#per-class", "2")
-            page.click("#generate")
-            page.wait_for_function("document.querySelectorAll('#images img').length === 4", timeout=60_000)
-            assert "4 images" in page.inner_text("#generate-status")
-            page.fill("#prompt", "  \n")
-            page.click("#generate")
-            page.wait_for_function("document.querySelector('#generate-status').className === 'error'")
-            assert '"prompt" must be' in page.inner_text("#generate-status")
-            assert not errors, errors
-        finally:
-            browser.close()
+    with open_page(text_server.url("/")) as (page, errors):
+        page.wait_for_function("document.querySelector('#model').textContent.includes('text-to-image')")
+        assert page.is_hidden("#classes") and page.is_visible("#prompt")
+        assert page.inner_text("#per-label") == "Per prompt"
+        page.fill("#prompt", "a dark bag\n\na light sneaker\n")
+        page.fill("#per-class", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#images img').length === 4", timeout=60_000)
+        assert "4 images" in page.inner_text("#generate-status")
+        page.fill("#prompt", "  \n")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#generate-status').className === 'error'")
+        assert '"prompt" must be' in page.inner_text("#generate-status")
+        assert not errors, errors

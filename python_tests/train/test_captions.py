@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from bigr_engine.train import captions
+from python_tests.conftest import MINILM_MISSING, have_minilm
 
 
 def fake_images(n=40, seed=0):
@@ -57,11 +58,10 @@ def test_readable_held_out_set_is_unseen_and_follows_its_rule():
         assert not any(h in t for h in syns for t in train)
     with pytest.raises(ValueError, match="unknown caption split"):
         captions.caption_table("test")
-    text = pytest.importorskip("bigr_engine.models.text")
-    try:
-        tok = text.minilm(max_tokens=16).tokenizer
-    except Exception as e:   # the text extra is not installed
-        pytest.skip(f"MiniLM not available: {e}")
+    if not have_minilm():
+        pytest.skip(MINILM_MISSING)
+    from bigr_engine.models.text import minilm
+    tok = minilm(max_tokens=16).tokenizer
     for syns in captions.HELD_OUT_READABLE.values():
         for s in syns:
             assert not any(p.startswith("##") for p in tok.tokenize(s)), s

@@ -120,29 +120,36 @@ std::vector<std::string> read_prompts(const std::string& path) {
   return out;
 }
 
+// Sets the GenerateOptions field named k from its text v ("cfg", "seed", "sample_index" as "5,4,3", ...); false when
+// k names none of them.
+bool set_option(bigr::GenerateOptions& o, const std::string& k, const std::string& v) {
+  if (k == "cfg") o.cfg = std::stod(v);
+  else if (k == "gumbel") o.gumbel = std::stod(v);
+  else if (k == "temperature") o.temperature = std::stod(v);
+  else if (k == "iters") o.iters = std::stoll(v);
+  else if (k == "steps") o.steps = std::stoll(v);
+  else if (k == "seed") o.seed = std::stoll(v);
+  else if (k == "cfg_schedule") o.cfg_schedule = v;
+  else if (k == "gumbel_schedule") o.gumbel_schedule = v;
+  else if (k == "deterministic") o.deterministic = v == "1";
+  else if (k == "greedy") o.greedy = v == "1";
+  else if (k == "dtype") o.dtype = v;
+  else if (k == "sample_index") {
+    std::stringstream ss(v);
+    for (std::string x; std::getline(ss, x, ',');) o.sample_index.push_back(std::stoll(x));
+  } else {
+    return false;
+  }
+  return true;
+}
+
 bigr::GenerateOptions parse_options(int argc, char** argv, int first) {
   bigr::GenerateOptions o;
   for (int i = first; i < argc; ++i) {
     const std::string a = argv[i];
     const auto eq = a.find('=');
     const std::string k = a.substr(0, eq), v = a.substr(eq + 1);
-    if (k == "cfg") o.cfg = std::stod(v);
-    else if (k == "gumbel") o.gumbel = std::stod(v);
-    else if (k == "temperature") o.temperature = std::stod(v);
-    else if (k == "iters") o.iters = std::stoll(v);
-    else if (k == "steps") o.steps = std::stoll(v);
-    else if (k == "seed") o.seed = std::stoll(v);
-    else if (k == "cfg_schedule") o.cfg_schedule = v;
-    else if (k == "gumbel_schedule") o.gumbel_schedule = v;
-    else if (k == "deterministic") o.deterministic = v == "1";
-    else if (k == "greedy") o.greedy = v == "1";
-    else if (k == "dtype") o.dtype = v;
-    else if (k == "sample_index") {
-      std::stringstream ss(v);
-      for (std::string x; std::getline(ss, x, ',');) o.sample_index.push_back(std::stoll(x));
-    } else {
-      throw std::runtime_error("unknown option " + k);
-    }
+    if (!set_option(o, k, v)) throw std::runtime_error("unknown option " + k);
   }
   return o;
 }
@@ -201,20 +208,12 @@ int error(const bigr::Pipeline& p, const std::string& key, const std::string& v)
     if (key == "text_on_class") { p.generate_text(at::zeros({1, 4, 8}), at::ones({1, 4}, at::kBool), o); return 1; }
     if (key == "class_ids_on_text") { p.generate(std::vector<int64_t>{std::stoll(v)}, o); return 1; }
     if (key == "strings_on_text") { p.generate(std::vector<std::string>{v}, o); return 1; }
-    if (key == "cfg") o.cfg = std::stod(v);
-    else if (key == "gumbel") o.gumbel = std::stod(v);
-    else if (key == "temperature") o.temperature = std::stod(v);
-    else if (key == "iters") o.iters = std::stoll(v);
-    else if (key == "steps") o.steps = std::stoll(v);
-    else if (key == "seed") o.seed = std::stoll(v);
-    else if (key == "cfg_schedule") o.cfg_schedule = v;
-    else if (key == "gumbel_schedule") o.gumbel_schedule = v;
-    else if (key == "label") labels = {std::stoll(v)};
+    if (key == "class_name") { p.generate(std::vector<std::string>{v}, o); return 1; }
+    if (key == "weights") { p.generate(at::zeros({2, std::stoll(v)}, at::kFloat), o); return 1; }
+    if (key == "decode") { p.decode(at::zeros({1, std::stoll(v), p.info().bits}, at::kByte)); return 1; }
+    if (key == "label") labels = {std::stoll(v)};
     else if (key == "sample_index") o.sample_index = {0, 1};   // two for one label
-    else if (key == "class_name") { p.generate(std::vector<std::string>{v}, o); return 1; }
-    else if (key == "weights") { p.generate(at::zeros({2, std::stoll(v)}, at::kFloat), o); return 1; }
-    else if (key == "decode") { p.decode(at::zeros({1, std::stoll(v), p.info().bits}, at::kByte)); return 1; }
-    else { std::cerr << "unknown option " << key << "\n"; return 3; }
+    else if (!set_option(o, key, v)) { std::cerr << "unknown option " << key << "\n"; return 3; }
     p.generate(labels, o);
   } catch (const bigr::Error& e) {
     std::cout << "error: " << e.what() << "\n";
